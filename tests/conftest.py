@@ -1,0 +1,25 @@
+"""Shared test fixtures.
+
+Tests that need the real CT files in ``../shared/data`` use the ``shared_data`` fixture: it
+skips with a clear reason when the folder is absent, and fails instead when
+``ABDOSEG_REQUIRE_DATA=1`` (set by ``.ci/run``), so CI can never pass by skipping them.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("ABDOSEG_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The read-only folder of real CT files, or a skip (a failure under ABDOSEG_REQUIRE_DATA=1)."""
+    if (SHARED_DATA / "real").is_dir():
+        return SHARED_DATA
+    reason = f"real CT files not found at {SHARED_DATA} (set ABDOSEG_SHARED_DATA)"
+    if os.environ.get("ABDOSEG_REQUIRE_DATA") == "1":
+        pytest.fail(reason + "; ABDOSEG_REQUIRE_DATA=1 forbids skipping", pytrace=False)
+    pytest.skip(reason)

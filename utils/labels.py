@@ -1,0 +1,239 @@
+"""The label scheme: the one place that knows organ ids, names, colours and each source's label map.
+
+abdoseg segments 12 classes (0 background + 11 organs). Every source of training data labels its
+own subset of organs with its own ids; a :class:`LabelSource` maps those ids into ours with one
+lookup-table operation and declares which of our organs the source *annotates*. That set matters:
+an organ a source does not annotate is written as 0 in its masks although it may be there, which
+is what the partial-label losses (``utils/loss_and_metrics.py``) account for.
+
+Sources:
+    ``full``         our own ids (what the phantom writes for fully labelled cases).
+    ``abdomenct1k``  1 liver, 2 kidney, 3 spleen, 4 pancreas.
+    ``totalseg``     TotalSegmentator ``total`` ids; every id not listed becomes background.
+    ``pku``          ids from a user-provided JSON file (see :func:`load_label_map`).
+    ``nnunet``       names in an nnU-Net ``dataset.json`` matched to our organs by name.
+
+Label-map JSON format (``pku``; also what ``dataset.json`` holds under ``"labels"``)::
+
+    {"labels": {"background": 0, "bladder": 1, "femur_head_left": 3, "kidney_right": 6, ...}}
+
+Names are matched case-insensitively with synonyms (``urinary_bladder``, ``small_bowel``,
+``kidney_left`` ...). Left and right merge into one class. A name we do not know is an error,
+not a guess: list it under ``"ignore"`` to map it to background on purpose.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ORGANS = (
+    "background", "bladder", "colon", "femur_head", "kidney", "liver",
+    "rectum", "small_intestine", "spinal_cord", "stomach", "spleen", "pancreas",
+)
+NUM_CLASSES = len(ORGANS)
+ORGAN_IDS = {name: i for i, name in enumerate(ORGANS)}
+DISPLAY_NAMES = tuple(name.replace("_", " ").capitalize() for name in ORGANS)
+
+# RGB in 0..255, chosen to stay distinguishable over a grey CT window.
+COLORS = (
+    (0, 0, 0),          # background
+    (255, 221, 51),     # bladder: yellow
+    (166, 98, 42),      # colon: brown
+    (240, 240, 240),    # femur head: white
+    (230, 60, 60),      # kidney: red
+    (150, 40, 110),     # liver: plum
+    (255, 140, 0),      # rectum: orange
+    (255, 160, 200),    # small intestine: pink
+    (60, 200, 255),     # spinal cord: sky blue
+    (60, 180, 75),      # stomach: green
+    (70, 90, 230),      # spleen: blue
+    (190, 230, 70),     # pancreas: lime
+)
+
+# Names a label file may use for our organs (lower case). Side-specific names merge into one class.
+SYNONYMS = {
+    "background": "background", "bg": "background", "clear label": "background",
+    "bladder": "bladder", "urinary_bladder": "bladder", "urinarybladder": "bladder",
+    "colon": "colon", "large_intestine": "colon", "large_bowel": "colon",
+    "femur_head": "femur_head", "femoral_head": "femur_head", "femur_head_left": "femur_head",
+    "femur_head_right": "femur_head", "femur_left": "femur_head", "femur_right": "femur_head",
+    "femoral_head_left": "femur_head", "femoral_head_right": "femur_head",
+    "head_of_femur_left": "femur_head", "head_of_femur_right": "femur_head",
+    "kidney": "kidney", "kidneys": "kidney", "kidney_left": "kidney", "kidney_right": "kidney",
+    "left_kidney": "kidney", "right_kidney": "kidney",
+    "liver": "liver",
+    "rectum": "rectum",
+    "small_intestine": "small_intestine", "small_bowel": "small_intestine",
+    "smallintestine": "small_intestine", "duodenum": "small_intestine",
+    "intestine": "small_intestine",
+    "spinal_cord": "spinal_cord", "spinalcord": "spinal_cord", "cord": "spinal_cord",
+    "stomach": "stomach",
+    "spleen": "spleen",
+    "pancreas": "pancreas",
+}
+
+# TotalSegmentator ``total`` ids that are organs of this project; every other id is background.
+TOTALSEG_IDS = {
+    1: "spleen", 2: "kidney", 3: "kidney", 5: "liver", 6: "stomach", 7: "pancreas",
+    18: "small_intestine", 19: "small_intestine", 20: "colon", 21: "bladder",
+    75: "femur_head", 76: "femur_head", 79: "spinal_cord",
+}
+ABDOMENCT1K_IDS = {1: "liver", 2: "kidney", 3: "spleen", 4: "pancreas"}
+# Ids of the example PKU map shipped in examples/pku_label_map.json (the phantom writes these).
+PKU_EXAMPLE_IDS = {
+    "bladder": 1, "colon": 2, "femur_head_left": 3, "femur_head_right": 4, "kidney_left": 5,
+    "kidney_right": 6, "liver": 7, "rectum": 8, "small_intestine": 9, "spinal_cord": 10,
+    "stomach": 11,
+}
+SOURCES = ("full", "abdomenct1k", "pku", "totalseg", "nnunet")
+
+
+class LabelMapError(ValueError):
+    """A label map that cannot be used; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class LabelSource:
+    """How one source's mask ids map into our classes.
+
+    Attributes:
+        name: source name (one of SOURCES).
+        lut: (max_id + 1,) uint8 lookup table, source id -> our id.
+        known: (max_id + 1,) bool, the source ids the map declares (organs and background).
+        annotated: our organ ids (1..11) this source labels; background is implied.
+        open_ids: True when undeclared ids are background (TotalSegmentator's many other
+            structures); False when an undeclared id is an error.
+    """
+
+    name: str
+    lut: np.ndarray
+    known: np.ndarray
+    annotated: frozenset[int]
+    open_ids: bool = False
+
+    def remap(self, mask: np.ndarray, path: str | Path = "mask") -> np.ndarray:
+        """Map a source mask (integer array, any shape) to our ids (uint8, same shape).
+
+        One table lookup over the whole volume. Raises LabelMapError naming `path` for values
+        the map does not declare (unless the source is open, where they become background).
+        """
+        if mask.size == 0:
+            return mask.astype(np.uint8)
+        low, high = int(mask.min()), int(mask.max())
+        if low < 0 or (high >= len(self.lut) and not self.open_ids):
+            raise LabelMapError(self._unknown_message(mask, path))
+        if high >= len(self.lut):  # open source: ids past the table are background
+            lut = np.zeros(high + 1, dtype=np.uint8)
+            lut[: len(self.lut)] = self.lut
+            return lut[mask]
+        if not self.open_ids and not self.known[np.unique(mask)].all():
+            raise LabelMapError(self._unknown_message(mask, path))
+        return self.lut[mask]
+
+    def annotated_mask(self) -> np.ndarray:
+        """(NUM_CLASSES,) bool with background and the annotated organs True."""
+        mask = np.zeros(NUM_CLASSES, dtype=bool)
+        mask[0] = True
+        mask[sorted(self.annotated)] = True
+        return mask
+
+    def _unknown_message(self, mask: np.ndarray, path: str | Path) -> str:
+        values = np.unique(mask)
+        bad = [int(v) for v in values if not 0 <= v < len(self.lut) or not self.known[v]]
+        return (f"{path}: mask values {bad[:10]} are not in the '{self.name}' label map "
+                f"(known ids: {np.flatnonzero(self.known).tolist()})")
+
+
+def _source(name: str, ids: dict[int, str], background_ids=(), open_ids=False) -> LabelSource:
+    size = max([*ids, *background_ids, 0]) + 1
+    lut = np.zeros(size, dtype=np.uint8)
+    known = np.zeros(size, dtype=bool)
+    known[[0, *background_ids]] = True
+    for source_id, organ in ids.items():
+        lut[source_id] = ORGAN_IDS[organ]
+        known[source_id] = True
+    return LabelSource(name, lut, known, frozenset(int(v) for v in lut if v > 0), open_ids)
+
+
+def canonical_organ(name: str) -> str | None:
+    """Our organ name for a label name from a file, or None if it is not one of ours."""
+    key = name.strip().lower().replace(" ", "_").replace("-", "_")
+    return SYNONYMS.get(key)
+
+
+def source_from_names(name: str, labels: dict[str, int], ignore=(), path: str | Path = "") -> LabelSource:
+    """Build a source from a {label name: id} table, matching names to our organs.
+
+    Raises LabelMapError naming every label that is neither one of our organs nor in `ignore`.
+    """
+    ignore = {n.strip().lower() for n in ignore}
+    ids, background_ids, unknown = {}, [], []
+    for label_name, source_id in labels.items():
+        if not isinstance(source_id, int) or isinstance(source_id, bool) or source_id < 0:
+            raise LabelMapError(f"{path}: label '{label_name}' has id {source_id!r}; ids are integers >= 0")
+        organ = canonical_organ(label_name)
+        if organ == "background" or label_name.strip().lower() in ignore:
+            background_ids.append(source_id)
+        elif organ is None:
+            unknown.append(label_name)
+        else:
+            ids[source_id] = organ
+    if unknown:
+        raise LabelMapError(
+            f"{path}: label names {unknown} match none of our organs {list(ORGANS[1:])}; "
+            "rename them or list them under \"ignore\" to map them to background")
+    return _source(name, ids, background_ids)
+
+
+def load_label_map(path: str | Path, name: str = "pku") -> LabelSource:
+    """Read a label-map JSON ({"labels": {name: id}, "ignore": [...]}) into a LabelSource."""
+    path = Path(path)
+    try:
+        spec = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise LabelMapError(f"{path}: label-map file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise LabelMapError(f"{path}: not valid JSON ({err})") from None
+    labels = spec.get("labels") if isinstance(spec, dict) else None
+    if not isinstance(labels, dict) or not labels:
+        raise LabelMapError(f"{path}: expected an object with a non-empty \"labels\" mapping of name to id")
+    labels = {k: _as_int(v) for k, v in labels.items()}
+    return source_from_names(name, labels, spec.get("ignore", ()), path)
+
+
+def _as_int(value):
+    # nnU-Net v2 allows region labels as lists; a one-element list is a plain id.
+    if isinstance(value, list) and len(value) == 1:
+        return value[0]
+    return value
+
+
+def get_source(name: str, label_map: str | Path | None = None) -> LabelSource:
+    """The LabelSource for a source name. `label_map` is the JSON for ``pku`` (defaults to the
+    shipped example) and the ``dataset.json`` (or its folder) for ``nnunet``."""
+    if name == "full":
+        return _source("full", dict(enumerate(ORGANS[1:], start=1)))
+    if name == "abdomenct1k":
+        return _source("abdomenct1k", ABDOMENCT1K_IDS)
+    if name == "totalseg":
+        return _source("totalseg", TOTALSEG_IDS, open_ids=True)
+    if name == "pku":
+        return load_label_map(label_map or EXAMPLE_PKU_MAP, "pku")
+    if name == "nnunet":
+        if label_map is None:
+            raise LabelMapError("nnunet: needs the dataset folder or its dataset.json")
+        path = Path(label_map)
+        return load_label_map(path / "dataset.json" if path.is_dir() else path, "nnunet")
+    raise LabelMapError(f"unknown source '{name}'; choose one of {', '.join(SOURCES)}")
+
+
+EXAMPLE_PKU_MAP = Path(__file__).resolve().parents[1] / "examples" / "pku_label_map.json"
+
+
+def organ_names(ids) -> list[str]:
+    """Names for a collection of class ids, in id order."""
+    return [ORGANS[i] for i in sorted(ids)]
