@@ -141,10 +141,13 @@ def _scalar(kind, value):
     raise TypeError
 
 
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
 def _describe(hint) -> str:
     if typing.get_origin(hint) is tuple:
-        return f"a non-empty list of {typing.get_args(hint)[0].__name__}"
-    return f"a {hint.__name__}"
+        return f"a non-empty list of {_TYPE_WORDS[typing.get_args(hint)[0]].split()[-1]}s"
+    return _TYPE_WORDS[hint]
 
 
 def parse_set(assignments: list[str]) -> dict:

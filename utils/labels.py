@@ -43,7 +43,7 @@ COLORS = (
     (0, 0, 0),          # background
     (255, 221, 51),     # bladder: yellow
     (166, 98, 42),      # colon: brown
-    (240, 240, 240),    # femur head: white
+    (0, 190, 170),      # femur head: teal (white would vanish on bone)
     (230, 60, 60),      # kidney: red
     (150, 40, 110),     # liver: plum
     (255, 140, 0),      # rectum: orange

@@ -1,0 +1,54 @@
+"""Smoke tests of the benchmark scripts: each runs with ``--quick`` and ends with its JSON line.
+
+No timing is asserted: the numbers of a smoke run on a shared CPU mean nothing. What is checked
+is that every script still runs against the current library, ends with one JSON object holding
+its headline keys, and leaves no temporary files behind.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+HEADLINE_KEYS = {
+    "preprocess.py": {"seconds_per_case", "seed_seconds_per_case", "speedup_vs_seed", "bytes_per_slice",
+                      "seed_bytes_per_slice", "disk_ratio_vs_seed", "seed_scheme"},
+    "loader.py": {"loader_images_per_s", "step_images_per_s", "ratio", "device", "peak_memory_mb_by_batch"},
+    "train_throughput.py": {"train_images_per_s", "plain_fp32_train_images_per_s", "train_fraction_of_matmul_peak",
+                            "infer_slices_per_s", "matmul_peak_gflops", "flops_per_image", "device"},
+}
+
+
+def run_quick(script: str, tmp_path: Path, *extra: str) -> dict:
+    """Run ``benchmarks/<script> --quick`` on CPU with its temp files under `tmp_path`; returns the last line."""
+    env = {**os.environ, "TMPDIR": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / script), "--quick", *extra],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    assert lines, f"{script} printed nothing; stderr:\n{done.stderr[-3000:]}"
+    return json.loads(lines[-1])
+
+
+@pytest.mark.parametrize("script", sorted(HEADLINE_KEYS))
+def test_quick_run_ends_with_headline_json(script, tmp_path):
+    result = run_quick(script, tmp_path)
+    missing = HEADLINE_KEYS[script] - set(result)
+    assert not missing, f"{script}: headline keys missing from the last line: {sorted(missing)}"
+    assert result["quick"] is True
+    left = [p.name for p in tmp_path.iterdir() if not p.name.startswith("torchinductor")]  # torch's own cache
+    assert not left, f"{script} left files behind: {left}"
+    if script == "train_throughput.py":
+        assert set(result["matmul_peak_gflops"]) >= {"fp32", "bf16"}
+        assert result["train_flops_per_image"] == 3 * result["flops_per_image"]
+
+
+def test_loader_resident_mode_runs(tmp_path):
+    result = run_quick("loader.py", tmp_path, "--resident", "--no-memory")
+    assert result["loader"] == "resident"
+    assert result["peak_memory_mb_by_batch"] == {}

@@ -1,0 +1,78 @@
+import json
+
+import numpy as np
+import pytest
+
+from utils.labels import (COLORS, NUM_CLASSES, ORGANS, PKU_EXAMPLE_IDS, EXAMPLE_PKU_MAP, LabelMapError,
+                          get_source, load_label_map)
+
+
+def test_scheme_has_twelve_classes_in_the_fixed_order():
+    assert ORGANS == ("background", "bladder", "colon", "femur_head", "kidney", "liver", "rectum",
+                      "small_intestine", "spinal_cord", "stomach", "spleen", "pancreas")
+    assert NUM_CLASSES == 12 and len(COLORS) == 12 and len(set(COLORS)) == 12
+
+
+def test_abdomenct1k_map_and_annotated_set():
+    source = get_source("abdomenct1k")
+    assert source.remap(np.array([0, 1, 2, 3, 4])).tolist() == [0, 5, 4, 10, 11]
+    assert source.annotated == {4, 5, 10, 11}
+    assert source.annotated_mask().tolist() == [True] + [i in (4, 5, 10, 11) for i in range(1, 12)]
+
+
+def test_totalseg_maps_our_organs_and_sends_everything_else_to_background():
+    source = get_source("totalseg")
+    ids = np.array([1, 2, 3, 4, 5, 6, 7, 18, 19, 20, 21, 22, 75, 76, 79, 117])
+    assert source.remap(ids).tolist() == [10, 4, 4, 0, 5, 9, 11, 7, 7, 2, 1, 0, 3, 3, 8, 0]
+    assert 6 not in source.annotated  # TotalSegmentator has no rectum class
+
+
+def test_pku_example_map_merges_left_and_right():
+    shipped = json.loads(EXAMPLE_PKU_MAP.read_text())["labels"]
+    assert {k: v for k, v in shipped.items() if k != "background"} == PKU_EXAMPLE_IDS
+    source = get_source("pku")
+    assert source.remap(np.array([3, 4, 5, 6])).tolist() == [3, 3, 4, 4]
+    assert source.annotated == set(range(1, 10))
+
+
+def test_remap_is_one_lookup_on_a_full_volume():
+    mask = np.random.default_rng(0).integers(0, 5, size=(64, 64, 20), dtype=np.uint8)
+    out = get_source("abdomenct1k").remap(mask)
+    assert out.shape == mask.shape and out.dtype == np.uint8
+    assert (out[mask == 3] == 10).all()
+
+
+def test_unknown_mask_values_name_the_file():
+    with pytest.raises(LabelMapError, match=r"case7\.nii\.gz: mask values \[9\]"):
+        get_source("abdomenct1k").remap(np.array([0, 9]), "case7.nii.gz")
+
+
+def test_nnunet_names_with_synonyms(tmp_path):
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {
+        "background": 0, "urinary_bladder": 1, "small_bowel": 2, "kidney_left": 3, "Kidney Right": 4,
+        "duodenum": 5}}))
+    source = get_source("nnunet", tmp_path)
+    assert source.remap(np.array([1, 2, 3, 4, 5])).tolist() == [1, 7, 4, 4, 7]
+
+
+def test_unknown_label_names_are_reported_not_guessed(tmp_path):
+    path = tmp_path / "map.json"
+    path.write_text(json.dumps({"labels": {"background": 0, "liver": 1, "gallbladder": 2}}))
+    with pytest.raises(LabelMapError, match="gallbladder"):
+        load_label_map(path)
+    path.write_text(json.dumps({"labels": {"background": 0, "liver": 1, "gallbladder": 2},
+                                "ignore": ["gallbladder"]}))
+    assert load_label_map(path).remap(np.array([1, 2])).tolist() == [5, 0]
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("{not json", "not valid JSON"),
+    ('{"labels": []}', "non-empty \"labels\""),
+    ('{"labels": {"liver": "one"}}', "has id 'one'"),
+])
+def test_malformed_label_map_files(tmp_path, text, problem):
+    path = tmp_path / "map.json"
+    path.write_text(text)
+    with pytest.raises(LabelMapError, match=problem) as err:
+        load_label_map(path)
+    assert str(path) in str(err.value)

@@ -1,0 +1,171 @@
+"""The command line: ``python -m training <command>``. Each command parses, validates and calls
+one library function. Bad input ends with one line naming the file and the problem and exit
+code 2 (``--debug`` shows the traceback); Ctrl-C exits with 130 after saving what it can.
+
+    phantom     write synthetic abdominal CT cases (image + mask NIfTI)
+    preprocess  NIfTI cases -> a preprocessed folder (manifest.json + arrays per case)
+    train       train a U-Net on preprocessed folders
+    predict     CT NIfTI -> label NIfTI in the input's own geometry
+    evaluate    per-organ, per-case metrics of predictions against ground truth
+    demo        the whole pipeline on phantom data
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from utils.labels import SOURCES
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as err:  # our errors are ValueErrors with one-line messages
+        if args.debug:
+            raise
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    phantom = commands.add_parser("phantom", help="write synthetic abdominal CT cases")
+    phantom.add_argument("--out", required=True, type=Path)
+    phantom.add_argument("--cases", type=int, default=4)
+    phantom.add_argument("--layout", choices=("abdomenct1k", "pku", "full"), default="full")
+    phantom.add_argument("--seed", type=int, default=0)
+    phantom.add_argument("--size", type=int, default=512, help="in-plane voxels (same field of view)")
+    phantom.add_argument("--slices", type=int, default=None, help="number of axial slices")
+    phantom.add_argument("--workers", type=int, default=1)
+    phantom.set_defaults(run=run_phantom)
+
+    pre = commands.add_parser("preprocess", help="NIfTI cases -> preprocessed folder")
+    pre.add_argument("--source", required=True, choices=SOURCES)
+    pre.add_argument("--images", required=True, type=Path, help="image folder (nnunet: the dataset folder)")
+    pre.add_argument("--masks", type=Path, help="mask folder (not for nnunet)")
+    pre.add_argument("--out", required=True, type=Path)
+    pre.add_argument("--label-map", type=Path, help="label-map JSON (pku; see examples/)")
+    pre.add_argument("--workers", type=int, default=1)
+    pre.add_argument("--size", type=int, default=256, help="target size N x N")
+    pre.add_argument("--spacing", type=float, default=None, help="resample in-plane to MM per pixel")
+    pre.add_argument("--min-clip", type=float, default=-400.0)
+    pre.add_argument("--max-clip", type=float, default=400.0)
+    pre.set_defaults(run=run_preprocess)
+
+    train = commands.add_parser("train", help="train a U-Net")
+    train.add_argument("--data", required=True, nargs="+", type=Path, help="preprocessed folder(s)")
+    train.add_argument("--out", required=True, type=Path, help="run folder")
+    train.add_argument("--config", type=Path, help="JSON file of config fields")
+    train.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                       help="override config fields, e.g. epochs=5 features=[16,32,64,128]")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out")
+    train.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    train.add_argument("--wandb", choices=("off", "offline", "online"), help="Weights & Biases logging")
+    train.set_defaults(run=run_train)
+
+    predict = commands.add_parser("predict", help="CT NIfTI -> label NIfTI")
+    predict.add_argument("--checkpoint", required=True, type=Path)
+    predict.add_argument("--input", required=True, type=Path, help="a CT file or a folder of them")
+    predict.add_argument("--out", required=True, type=Path)
+    predict.add_argument("--device", default="auto")
+    predict.add_argument("--batch-size", type=int, default=32)
+    predict.add_argument("--probabilities", action="store_true", help="also save class probabilities")
+    predict.add_argument("--largest-component", action="store_true", help="keep each organ's largest component")
+    predict.set_defaults(run=run_predict)
+
+    evaluate = commands.add_parser("evaluate", help="score predictions against ground truth")
+    evaluate.add_argument("--pred", required=True, type=Path)
+    evaluate.add_argument("--gt", required=True, type=Path)
+    evaluate.add_argument("--source", required=True, choices=SOURCES, help="label convention of --gt")
+    evaluate.add_argument("--label-map", type=Path)
+    evaluate.add_argument("--out", required=True, type=Path)
+    evaluate.add_argument("--tolerance-mm", type=float, default=2.0, help="surface Dice tolerance")
+    evaluate.set_defaults(run=run_evaluate)
+
+    demo = commands.add_parser("demo", help="the whole pipeline on phantom data")
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"))
+    demo.add_argument("--quick", action="store_true", help="tiny settings (a smoke run)")
+    demo.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override demo settings")
+    demo.set_defaults(run=run_demo)
+    return parser
+
+
+def run_phantom(args) -> int:
+    from utils.phantom import write_phantom_dataset
+    ids = write_phantom_dataset(args.out, args.cases, args.layout, seed=args.seed, size=args.size,
+                                num_slices=args.slices, workers=args.workers)
+    print(f"wrote {len(ids)} {args.layout} cases to {args.out}/Image and {args.out}/Mask")
+    return 0
+
+
+def run_preprocess(args) -> int:
+    from utils.preprocess_data import PreprocessParams, preprocess_dataset
+    if args.source != "nnunet" and args.masks is None:
+        raise ValueError(f"--masks is required for --source {args.source}")
+    params = PreprocessParams(args.min_clip, args.max_clip, (args.size, args.size), args.spacing)
+    manifest = preprocess_dataset(args.source, args.images, args.masks, args.out, params,
+                                  label_map=args.label_map, workers=args.workers)
+    failed = manifest.get("failed", [])
+    print(f"{len(manifest['cases'])} cases ready in {args.out}")
+    for item in failed:
+        print(f"failed: {item['error']}", file=sys.stderr)
+    return 2 if failed else 0
+
+
+def run_train(args) -> int:
+    from training.config import TrainConfig, load_config
+    from training.train import fit, load_resume_state
+    assignments = list(args.set) + ([f"wandb={args.wandb}"] if args.wandb else [])
+    # a resumed run keeps its own config; --set may still change fields such as epochs
+    base = TrainConfig.from_dict(load_resume_state(args.out)["config"]) if args.resume else None
+    cfg = load_config(args.config, assignments, base=base)
+    result = fit(cfg, args.data, args.out, resume=args.resume, overwrite=args.overwrite)
+    print(f"done: {args.out / 'checkpoints'} (last.pt, best.pt), {args.out / 'log.csv'}, "
+          f"{args.out / 'curves.png'}; last val Dice {result.get('val_mean_dice', float('nan')):.3f}")
+    return 0
+
+
+def run_predict(args) -> int:
+    from training.predict import predict_files
+    summary = predict_files(args.checkpoint, args.input, args.out, device=args.device,
+                            batch_size=args.batch_size, save_probabilities=args.probabilities,
+                            largest_component=args.largest_component)
+    print(f"wrote {len(summary['written'])} label files to {args.out}")
+    for item in summary["failed"]:
+        print(f"failed: {item['error']}", file=sys.stderr)
+    return 2 if summary["failed"] else 0
+
+
+def run_evaluate(args) -> int:
+    from training.evaluate import evaluate_folders
+    summary = evaluate_folders(args.pred, args.gt, args.source, args.out, label_map=args.label_map,
+                               tolerance_mm=args.tolerance_mm)
+    print(json.dumps({k: summary[k] for k in ("cases", "mean_dice") if k in summary}))
+    print(f"wrote {args.out / 'metrics.csv'}, {args.out / 'summary.json'}, {args.out / 'dice_per_organ.png'}")
+    for item in summary.get("failed", []):
+        print(f"failed: {item.get('case')}: {item.get('error')}", file=sys.stderr)
+    return 2 if summary.get("failed") else 0
+
+
+def run_demo(args) -> int:
+    from training.config import parse_set
+    from training.demo import run_demo as demo
+    demo(args.out, quick=args.quick, overrides=parse_set(args.set))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,345 @@
+"""Score predicted label volumes against ground truth: per case and organ, then summarised.
+
+``evaluate_folders`` pairs ``pred_dir/<case>.nii.gz`` with the ground truth of the same case id in
+``gt_dir`` (``utils.volume_io.case_id_from_path``, so ``Case_00012_0000.nii.gz`` pairs too),
+remaps the ground truth from its source's ids to ours (``utils.labels``), and writes:
+
+- ``metrics.csv``: one row per case and organ (columns of :func:`evaluate_case` plus ``case``
+  and ``slice_dice``);
+- ``summary.json``: per-organ means over cases and the overall ``mean_dice``;
+- ``dice_per_organ.png``: the per-organ mean Dice as a bar chart.
+
+Conventions (the metric functions are in ``utils/loss_and_metrics.py``):
+
+- Arrays are canonical ``(X, Y, Z)``; distances use the voxel spacing along those axes. The
+  prediction and ground truth must be on the same grid (``load_mask`` checks it to 1e-3 mm), so
+  the spacing read from the prediction's header is the ground truth's.
+- Organs the ground-truth source does not annotate are *not scored*: a 0 in their mask means
+  "not labelled", not "absent". Their rows have NaN scores (and NaN ``gt_voxels``) but keep
+  ``pred_voxels``.
+- Dice, IoU and surface Dice are NaN when the organ is absent from the ground truth, whether or
+  not it was predicted, so NaN-means over cases average only cases that contain the organ.
+  A prediction of an absent organ never vanishes: it is ``false_positive_ml`` (> 0 exactly then).
+- An organ present but not predicted scores Dice, IoU and surface Dice 0; its ``hd95_mm`` is NaN
+  (no surface to measure from), as is any hd95 with an empty mask.
+- ``volume_ratio`` = predicted / true volume and ``false_negative_rate`` = fraction of true
+  voxels not predicted; both NaN when the ground truth is empty.
+- ``slice_dice`` is the original project's metric: per organ, the 2D Dice averaged over the
+  axial slices whose ground truth contains the organ.
+- Means are NaN-means; a mean with nothing to average is NaN in the CSV and null in the JSON.
+
+Outputs are written atomically (temporary name, then ``os.replace``). A case that cannot be
+read or scored is listed under ``failed`` in the summary and the other cases still run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from training.visualization import dice_bar_chart, save_figure
+from utils.labels import NUM_CLASSES, ORGANS, get_source
+from utils.loss_and_metrics import dice_iou_3d, false_positive_volume_ml, hd95_mm, surface_dice
+from utils.volume_io import case_id_from_path, load_ct, load_mask
+
+ORGAN_RANGE = range(1, NUM_CLASSES)
+SCORE_COLUMNS = ("dice", "iou", "hd95_mm", "surface_dice", "false_positive_ml", "volume_ratio",
+                 "false_negative_rate")
+CASE_COLUMNS = ("organ_id", "organ", "annotated", "gt_voxels", "pred_voxels") + SCORE_COLUMNS
+CSV_COLUMNS = ("case",) + CASE_COLUMNS + ("slice_dice",)
+SUMMARY_METRICS = ("dice", "iou", "hd95_mm", "surface_dice", "false_positive_ml", "slice_dice")
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+NAN = float("nan")
+
+
+def evaluate_case(pred: np.ndarray, gt: np.ndarray, spacing, annotated, tolerance_mm: float = 2.0) -> list[dict]:
+    """Per-organ scores of one case.
+
+    Args:
+        pred: ``(X, Y, Z)`` predicted class ids 0..11.
+        gt: ``(X, Y, Z)`` ground-truth class ids 0..11 (already remapped to ours).
+        spacing: voxel size ``(sx, sy, sz)`` in mm along the array axes.
+        annotated: organ ids the ground truth labels; the others are not scored.
+        tolerance_mm: surface Dice tolerance.
+
+    Returns:
+        11 dicts (organs 1..11) with keys ``CASE_COLUMNS``: ``organ_id``, ``organ`` (name),
+        ``annotated``, ``gt_voxels``, ``pred_voxels``, ``dice``, ``iou``, ``hd95_mm``,
+        ``surface_dice``, ``false_positive_ml``, ``volume_ratio``, ``false_negative_rate``
+        (conventions in the module docstring).
+    """
+    pred, gt = _check_pair(pred, gt)
+    if len(spacing) != 3:
+        raise ValueError(f"spacing must have 3 entries (mm along X, Y, Z), got {spacing}")
+    annotated = {int(i) for i in annotated}
+    rows = []
+    for organ in ORGAN_RANGE:
+        pred_mask = pred == organ
+        row = {"organ_id": organ, "organ": ORGANS[organ], "annotated": organ in annotated,
+               "gt_voxels": NAN, "pred_voxels": int(pred_mask.sum()), **dict.fromkeys(SCORE_COLUMNS, NAN)}
+        if organ in annotated:
+            row.update(_organ_scores(pred_mask, gt == organ, spacing, tolerance_mm))
+        rows.append(row)
+    return rows
+
+
+def _organ_scores(pred_mask, gt_mask, spacing, tolerance_mm: float) -> dict:
+    """Scores of one annotated organ (boolean masks of the same shape)."""
+    gt_voxels, pred_voxels = int(gt_mask.sum()), int(pred_mask.sum())
+    scores = {"gt_voxels": gt_voxels, "false_positive_ml": false_positive_volume_ml(pred_mask, gt_mask, spacing)}
+    if gt_voxels == 0:  # absent organ: overlap scores undefined, a false positive shows above
+        return scores
+    missed = int(np.count_nonzero(gt_mask & ~pred_mask))
+    dice, iou = dice_iou_3d(pred_mask, gt_mask)
+    scores.update(dice=dice, iou=iou, hd95_mm=hd95_mm(pred_mask, gt_mask, spacing),
+                  surface_dice=surface_dice(pred_mask, gt_mask, spacing, tolerance_mm),
+                  volume_ratio=pred_voxels / gt_voxels, false_negative_rate=missed / gt_voxels)
+    return scores
+
+
+def slice_level_dice(pred: np.ndarray, gt: np.ndarray, annotated) -> dict[str, float]:
+    """The original project's metric: per organ, mean 2D Dice over the axial slices where the
+    ground truth contains the organ.
+
+    Args:
+        pred, gt: ``(X, Y, Z)`` class ids; slices are ``[:, :, z]``.
+        annotated: organ ids the ground truth labels.
+
+    Returns:
+        ``{organ name: Dice}`` for organs 1..11; NaN for organs not annotated or never present.
+    """
+    pred, gt = _check_pair(pred, gt)
+    annotated = {int(i) for i in annotated}
+    result = {}
+    for organ in ORGAN_RANGE:
+        if organ not in annotated:
+            result[ORGANS[organ]] = NAN
+            continue
+        pred_mask, gt_mask = pred == organ, gt == organ
+        gt_area = gt_mask.sum(axis=(0, 1))  # (Z,)
+        present = gt_area > 0
+        if not present.any():
+            result[ORGANS[organ]] = NAN
+            continue
+        pred_area = pred_mask.sum(axis=(0, 1))
+        overlap = (pred_mask & gt_mask).sum(axis=(0, 1))
+        result[ORGANS[organ]] = float(np.mean(2 * overlap[present] / (pred_area[present] + gt_area[present])))
+    return result
+
+
+def evaluate_folders(pred_dir, gt_dir, source: str, out_dir, label_map=None, tolerance_mm: float = 2.0,
+                     progress: bool = True) -> dict:
+    """Score every ground-truth case in ``gt_dir`` against its prediction in ``pred_dir``.
+
+    Args:
+        pred_dir: folder of predicted label NIfTIs in our ids, named ``<case>.nii.gz``.
+        gt_dir: folder of ground-truth label NIfTIs in ``source``'s ids.
+        source: ground-truth source name (``utils.labels.SOURCES``); decides the id mapping and
+            which organs are scored.
+        out_dir: where ``metrics.csv``, ``summary.json`` and ``dice_per_organ.png`` go.
+        label_map: label-map JSON for ``pku`` / ``nnunet`` sources.
+        tolerance_mm: surface Dice tolerance.
+        progress: show a progress bar.
+
+    Returns:
+        The summary (also written to ``summary.json``): ``tolerance_mm``, ``source``, ``cases``
+        (number scored), ``case_ids``, ``mean_dice``, per-organ means ``dice``, ``iou``,
+        ``hd95_mm``, ``surface_dice``, ``false_positive_ml``, ``slice_dice``,
+        ``missing_predictions`` (case ids) and ``failed`` (``[{"case", "error"}]``).
+    """
+    label_source = get_source(source, label_map)
+    pairs, missing = _pair_cases(pred_dir, gt_dir)
+    rows, failed, scored = [], [], []
+    for case, pred_path, gt_path in tqdm(pairs, desc="evaluate", disable=not progress):
+        try:
+            pred, gt, spacing = _load_case(pred_path, gt_path, label_source)
+            case_rows = evaluate_case(pred, gt, spacing, label_source.annotated, tolerance_mm)
+            slice_dice = slice_level_dice(pred, gt, label_source.annotated)
+        except (ValueError, OSError) as err:  # NiftiError and LabelMapError are ValueErrors
+            failed.append({"case": case, "error": str(err)})
+            continue
+        rows += [{"case": case, **row, "slice_dice": slice_dice[row["organ"]]} for row in case_rows]
+        scored.append(case)
+    summary = {"source": source, **summarize(rows, tolerance_mm), "case_ids": scored,
+               "missing_predictions": missing, "failed": failed}
+    write_outputs(rows, summary, out_dir)
+    return summary
+
+
+def summarize(rows: list[dict], tolerance_mm: float) -> dict:
+    """Per-organ NaN-means over cases of the annotated rows, and the mean over organs of Dice."""
+    per_organ = {metric: {ORGANS[organ]: _nanmean([row[metric] for row in rows
+                                                   if row["organ_id"] == organ and row["annotated"]])
+                          for organ in ORGAN_RANGE}
+                 for metric in SUMMARY_METRICS}
+    return {"tolerance_mm": tolerance_mm, "cases": len({row["case"] for row in rows}),
+            "mean_dice": _nanmean(list(per_organ["dice"].values())), **per_organ}
+
+
+def write_outputs(rows: list[dict], summary: dict, out_dir) -> None:
+    """Write ``metrics.csv``, ``summary.json`` and ``dice_per_organ.png`` to ``out_dir``, atomically."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with _atomic_text(out_dir / "metrics.csv") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    with _atomic_text(out_dir / "summary.json") as handle:
+        json.dump(_json_safe(summary), handle, indent=2, allow_nan=False)
+        handle.write("\n")
+    scored = {organ: dice for organ, dice in summary["dice"].items() if not _is_nan(dice)}
+    cases = summary["cases"]
+    title = f"Mean Dice per organ over {cases} case{'s' if cases != 1 else ''}"
+    save_figure(dice_bar_chart(scored, title=title), out_dir / "dice_per_organ.png")
+
+
+def boldness_report(pred_dir, gt_dir, trained_by: dict[int, str], source: str = "full", label_map=None,
+                    progress: bool = False) -> dict:
+    """How much of each organ the model predicts, on fully labelled held-out data.
+
+    A model trained on partial labels may learn to under-segment an organ its other source leaves
+    unlabelled; this shows it per organ, next to the source that taught that organ.
+
+    Args:
+        pred_dir: predicted label NIfTIs in our ids, ``<case>.nii.gz``.
+        gt_dir: ground truth labelling every organ the report covers.
+        trained_by: organ id -> a label for what trained it (``'pku only'``, ``'both'``, ...).
+        source, label_map: the ground truth's id scheme (default: our ids).
+        progress: show a progress bar.
+
+    Returns:
+        ``{organ name: {"organ_id", "trained_by", "cases", "mean_predicted_ml", "mean_true_ml",
+        "volume_ratio", "false_negative_rate"}}`` for every organ the ground truth annotates.
+        Pooled over the cases containing the organ: ``volume_ratio`` = total predicted / total
+        true volume, ``false_negative_rate`` = missed true voxels / true voxels (NaN, and
+        ``cases`` 0, if no case contains it). Cases without a prediction are skipped with a
+        warning; an unreadable case raises.
+    """
+    bad = [organ for organ in trained_by if organ not in ORGAN_RANGE]
+    if bad:
+        raise ValueError(f"trained_by keys {bad} are not organ ids 1..{NUM_CLASSES - 1}")
+    label_source = get_source(source, label_map)
+    pairs, missing = _pair_cases(pred_dir, gt_dir)
+    if missing:
+        warnings.warn(f"boldness_report: no prediction for {len(missing)} cases: {missing[:10]}", UserWarning,
+                      stacklevel=2)
+    organs = sorted(label_source.annotated)
+    totals = {organ: np.zeros(4) for organ in organs}  # cases, predicted ml, true ml, missed ml
+    for _case, pred_path, gt_path in tqdm(pairs, desc="boldness", disable=not progress):
+        pred, gt, spacing = _load_case(pred_path, gt_path, label_source)
+        voxel_ml = float(np.prod(spacing)) / 1000.0
+        for organ in organs:
+            gt_mask = gt == organ
+            if gt_mask.any():
+                pred_mask = pred == organ
+                totals[organ] += (1, pred_mask.sum() * voxel_ml, gt_mask.sum() * voxel_ml,
+                                  np.count_nonzero(gt_mask & ~pred_mask) * voxel_ml)
+    report = {}
+    for organ in organs:
+        cases, predicted, true, missed = totals[organ]
+        report[ORGANS[organ]] = {
+            "organ_id": organ, "trained_by": trained_by.get(organ, "unknown"), "cases": int(cases),
+            "mean_predicted_ml": predicted / cases if cases else NAN, "mean_true_ml": true / cases if cases else NAN,
+            "volume_ratio": predicted / true if cases else NAN, "false_negative_rate": missed / true if cases else NAN}
+    return report
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _pair_cases(pred_dir, gt_dir) -> tuple[list[tuple[str, Path, Path]], list[str]]:
+    """``[(case, prediction, ground truth)]`` for ground-truth cases with a prediction, and the
+    case ids without one."""
+    gt_files, pred_files = _nifti_by_case(gt_dir), _nifti_by_case(pred_dir)
+    if not gt_files:
+        raise ValueError(f"{gt_dir}: no ground-truth .nii / .nii.gz files")
+    pairs = [(case, pred_files[case], path) for case, path in gt_files.items() if case in pred_files]
+    missing = [case for case in gt_files if case not in pred_files]
+    return pairs, missing
+
+
+def _nifti_by_case(folder) -> dict[str, Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: not a folder")
+    files = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.name.lower().endswith(NIFTI_SUFFIXES) and not path.name.startswith("."):
+            case = case_id_from_path(path)
+            if case in files:
+                raise ValueError(f"{folder}: case {case} has two files, {files[case].name} and {path.name}")
+            files[case] = path
+    return files
+
+
+def _load_case(pred_path: Path, gt_path: Path, label_source) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """Prediction (our ids), remapped ground truth and spacing, canonical ``(X, Y, Z)``."""
+    # The prediction is a label map, so no CT intensity check; it sets the reference grid.
+    reference = load_ct(pred_path, check_intensity=False)
+    pred = reference.data
+    if pred.size and (pred.min() < 0 or pred.max() >= NUM_CLASSES or np.any(pred != np.round(pred))):
+        raise ValueError(f"{pred_path}: prediction holds values outside the class ids 0..{NUM_CLASSES - 1}")
+    gt = label_source.remap(load_mask(gt_path, reference), gt_path)
+    return pred.astype(np.uint8), gt, reference.spacing
+
+
+class _atomic_text:
+    """``with _atomic_text(path) as handle``: write a text file under a temporary name, then rename."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def __enter__(self):
+        handle, self.temporary = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
+        os.chmod(self.temporary, 0o644)  # mkstemp creates 0600; reports are meant to be read
+        self.handle = os.fdopen(handle, "w", newline="")
+        return self.handle
+
+    def __exit__(self, exc_type, exc, traceback):
+        self.handle.close()
+        if exc_type is None:
+            os.replace(self.temporary, self.path)
+        elif os.path.exists(self.temporary):
+            os.remove(self.temporary)
+        return False
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+
+def _check_pair(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    pred, gt = np.asarray(pred), np.asarray(gt)
+    if pred.shape != gt.shape or pred.ndim != 3:
+        raise ValueError(f"prediction {pred.shape} and ground truth {gt.shape} must be (X, Y, Z) of one shape")
+    return pred, gt
+
+
+def _nanmean(values) -> float:
+    finite = [float(v) for v in values if not _is_nan(v)]
+    return sum(finite) / len(finite) if finite else NAN
+
+
+def _is_nan(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _json_safe(value):
+    """NaN -> None (JSON null), numpy scalars -> Python, recursively."""
+    if isinstance(value, dict):
+        return {key: _json_safe(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+

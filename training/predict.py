@@ -1,0 +1,387 @@
+"""Prediction: CT NIfTI in, label NIfTI out, in the input's own grid and affine.
+
+The image path is the training one (``utils.preprocess_data.preprocess_image``: HU window,
+in-plane resize or resample, uint8; the model sees ``uint8 / 255``), and
+``restore_in_plane`` is its exact inverse, so logits go back onto the volume's grid before the
+``argmax``. Memory stays bounded by the input, the output and one chunk of slices: logits are
+mapped back and reduced to labels chunk by chunk, never held for the whole volume.
+
+    predict_files(checkpoint, inputs, out_dir)  a CT file or a folder of them ->
+        OUT/<case_id>.nii.gz                    uint8 labels, the input's shape and affine
+        OUT/<case_id>_probabilities.nii.gz      optional, 4D uint8 (X, Y, Z, 12), 255 = 1.0
+        OUT/labels.txt                          ITK-SNAP label description file
+        OUT/abdoseg_labels.ctbl                 3D Slicer colour table
+    predict_volume(model, volume, params)       one loaded Volume -> (X, Y, Z) labels
+    generate_predictions(model, ct_data, device)   the original project's slice-grid predictions
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import scipy.ndimage
+import torch
+from tqdm.auto import tqdm
+
+from network.unet import fold_batchnorm
+from training.checkpoint import load_checkpoint, model_from_checkpoint
+from training.train import select_amp, select_device
+from utils.labels import COLORS, DISPLAY_NAMES, NUM_CLASSES, ORGANS, LabelSource, get_source
+from utils.preprocess_data import PreprocessParams, preprocess_image, preprocess_labels, restore_in_plane
+from utils.volume_io import Volume, case_id_from_path, load_ct, load_mask, save_labels, save_volume, to_original
+
+# On a 2-core CPU 4-slice batches ran as fast as or faster than 16 or 32 (activations stay in cache).
+CPU_MAX_BATCH = 4
+# Logits mapped back to the volume grid at a time: (slices, 12, X, Y) float32 under this size.
+RESTORE_CHUNK_BYTES = 256 * 2**20
+# Paired organs: keep the two largest components.
+PAIRED_ORGANS = ("femur_head", "kidney")
+ITKSNAP_FILE = "labels.txt"
+SLICER_FILE = "abdoseg_labels.ctbl"
+
+
+class PredictError(ValueError):
+    """Inputs or outputs that cannot be used as asked; the message names the path."""
+
+
+# --------------------------------------------------------------------------- the original API
+
+def load_and_preprocess_ct_data(ct_image_path, mask_path=None, target_size=(256, 256), min_clip_value=-400,
+                                max_clip_value=400, label_rearrange=None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Load a CT (and optionally its mask) as the model sees it.
+
+    Args:
+        ct_image_path: CT NIfTI.
+        mask_path: label NIfTI on the same grid, or None.
+        label_rearrange: the mask's label source: a name from ``utils.labels.SOURCES`` or a
+            ``LabelSource``; None means the mask already holds our ids.
+
+    Returns:
+        ``ct_data`` ``(Z, H, W)`` float32 in [0, 1] (the preprocessed uint8 / 255) and
+        ``mask_data`` ``(Z, H, W)`` uint8 in our ids on the same grid, or None.
+    """
+    params = PreprocessParams(min_clip_value, max_clip_value, tuple(target_size))
+    volume = load_ct(ct_image_path)
+    ct_data = preprocess_image(volume, params).float().div_(255).numpy()  # (Z, H, W)
+    if mask_path is None:
+        return ct_data, None
+    if not isinstance(label_rearrange, LabelSource):
+        label_rearrange = get_source(label_rearrange or "full")
+    labels = label_rearrange.remap(load_mask(mask_path, volume), mask_path)  # (X, Y, Z) our ids
+    return ct_data, preprocess_labels(labels, volume.spacing, params)
+
+
+def generate_predictions(model: torch.nn.Module, ct_data, device, batch_size: int = 32,
+                         amp_dtype: torch.dtype | None = None, channels_last: bool = True) -> np.ndarray:
+    """Class ids for preprocessed slices, predicted in batches.
+
+    Args:
+        model: returns logits ``(B, classes, H, W)`` for ``(B, C, H, W)``; its ``in_channels``
+            (default 1) neighbouring slices are stacked, edge slices repeated. Moved to `device`.
+        ct_data: ``(Z, H, W)`` float in [0, 1] (numpy or tensor), as from
+            :func:`load_and_preprocess_ct_data`.
+        batch_size: slices per model call (at most ``CPU_MAX_BATCH`` on CPU).
+        amp_dtype: autocast dtype (``training.train.select_amp``), None for fp32.
+
+    Returns:
+        ``(Z, H, W)`` uint8 class ids on the preprocessed grid.
+    """
+    device = torch.device(device)
+    image = ct_data if torch.is_tensor(ct_data) else torch.from_numpy(np.asarray(ct_data, dtype=np.float32))
+    image = image.to(device, torch.float32)  # (Z, H, W)
+    out = np.empty(tuple(image.shape), dtype=np.uint8)
+    with _inference(model, device, channels_last) as model:
+        for start, logits in _logits_in_batches(model, image, 1.0, device, amp_dtype, batch_size, channels_last):
+            out[start:start + len(logits)] = logits.argmax(1).to(torch.uint8).cpu().numpy()
+    return out
+
+
+# --------------------------------------------------------------------------- one volume
+
+def predict_volume(model: torch.nn.Module, volume: Volume, params: PreprocessParams, in_channels: int = 1,
+                   device="cpu", amp_dtype: torch.dtype | None = None, batch_size: int = 32,
+                   channels_last: bool = True, return_probabilities: bool = False,
+                   largest_component: bool = False):
+    """Segment one CT volume on its own grid.
+
+    Slices are preprocessed on `device` exactly as for training, predicted in batches under
+    ``torch.inference_mode()`` (autocast to `amp_dtype` if given), and each batch's logits are
+    mapped back with ``restore_in_plane`` and reduced by ``argmax`` straight into the output.
+
+    Args:
+        model: logits ``(B, 12, H, W)`` for ``(B, in_channels, H, W)``; moved to `device`,
+            run in eval mode (its training flag is restored afterwards).
+        volume: canonical CT from ``load_ct``.
+        params: the preprocessing the model was trained with (from its checkpoint).
+        in_channels: neighbouring slices per input (2.5D), centred, edges repeated.
+        batch_size: slices per model call (at most ``CPU_MAX_BATCH`` on CPU, where that is faster).
+        return_probabilities: also return the softmax on the volume grid.
+        largest_component: apply :func:`keep_largest_component` to the labels.
+
+    Returns:
+        ``labels`` ``(X, Y, Z)`` uint8 class ids, canonical like ``volume.data`` (a Fortran-ordered
+        array); with `return_probabilities`, ``(labels, probabilities)`` where probabilities
+        are ``(12, X, Y, Z)`` uint8, ``round(255 * softmax)``.
+    """
+    device = torch.device(device)
+    size_x, size_y, num_slices = volume.data.shape
+    image = preprocess_image(volume, params, device=device)  # (Z, H, W) uint8
+    # Filled in (Z, Y, X) order, returned as (X, Y, Z) views: Fortran order, as NIfTI stores
+    # voxels, so each chunk is one contiguous block and writing the file needs no reshuffle.
+    labels_zyx = np.empty((num_slices, size_y, size_x), dtype=np.uint8)
+    probabilities_czyx = (np.empty((NUM_CLASSES, num_slices, size_y, size_x), dtype=np.uint8)
+                          if return_probabilities else None)
+    restore_slices = max(1, RESTORE_CHUNK_BYTES // (NUM_CLASSES * size_x * size_y * 4))
+    with _inference(model, device, channels_last) as model:
+        batches = _logits_in_batches(model, image, 255.0, device, amp_dtype, batch_size, channels_last, in_channels)
+        for start, logits in batches:
+            for offset in range(0, len(logits), restore_slices):
+                chunk = logits[offset:offset + restore_slices]
+                first, stop = start + offset, start + offset + len(chunk)
+                # (n, 12, H, W) -> (n, 12, X, Y); channels_last makes the argmax over classes contiguous
+                restored = restore_in_plane(chunk, (size_x, size_y), volume.spacing[:2], params)
+                restored = restored.contiguous(memory_format=torch.channels_last)
+                # (n, X, Y) -> (n, Y, X)
+                labels_zyx[first:stop] = restored.argmax(1).to(torch.uint8).transpose(1, 2).contiguous().cpu().numpy()
+                if probabilities_czyx is not None:
+                    scaled = restored.softmax(1).mul_(255).round_().to(torch.uint8)
+                    # (n, 12, X, Y) -> (12, n, Y, X)
+                    probabilities_czyx[:, first:stop] = scaled.permute(1, 0, 3, 2).contiguous().cpu().numpy()
+    labels = labels_zyx.transpose(2, 1, 0)  # (X, Y, Z)
+    if largest_component:
+        labels = keep_largest_component(labels)
+    if not return_probabilities:
+        return labels
+    return labels, probabilities_czyx.transpose(0, 3, 2, 1)  # (12, X, Y, Z)
+
+
+@contextlib.contextmanager
+def _inference(model: torch.nn.Module, device: torch.device, channels_last: bool):
+    """The model on `device` in eval mode under ``torch.inference_mode()``; restores ``.training``."""
+    was_training = model.training
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield model
+    finally:
+        model.train(was_training)
+
+
+def _logits_in_batches(model, image: torch.Tensor, scale: float, device: torch.device,
+                       amp_dtype: torch.dtype | None, batch_size: int, channels_last: bool, in_channels: int | None = None):
+    """Yield ``(first slice, logits (n, classes, H, W) float32)`` for ``image`` ``(Z, H, W)``.
+
+    The input is ``image / scale`` with `in_channels` neighbouring slices stacked (default: the
+    model's ``in_channels``, else 1).
+    """
+    in_channels = in_channels or getattr(model, "in_channels", 1)
+    if in_channels < 1 or in_channels % 2 == 0:
+        raise ValueError(f"in_channels must be odd and >= 1 (slices centred on the slice), got {in_channels}")
+    if device.type == "cpu":
+        batch_size = min(batch_size, CPU_MAX_BATCH)
+    num_slices = image.shape[0]
+    offsets = torch.arange(-(in_channels // 2), in_channels // 2 + 1, device=image.device)
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+    for start in range(0, num_slices, batch_size):
+        slices = torch.arange(start, min(start + batch_size, num_slices), device=image.device)
+        channels = (slices[:, None] + offsets).clamp_(0, num_slices - 1)  # (n, C) edges repeated
+        batch = image[channels].to(torch.float32).div_(scale)  # (n, C, H, W) in [0, 1]
+        if channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        with autocast:
+            logits = model(batch)
+        yield start, logits.float()
+
+
+def keep_largest_component(labels: np.ndarray) -> np.ndarray:
+    """Per organ, keep the largest 3D connected component (the two largest for femur head and
+    kidney, which come in pairs); the rest becomes background.
+
+    Components are 26-connected. Each organ is labelled only inside its bounding box.
+
+    Args:
+        labels: ``(X, Y, Z)`` uint8 class ids.
+
+    Returns:
+        A new ``(X, Y, Z)`` uint8 array.
+    """
+    out = np.array(labels, dtype=np.uint8, copy=True)
+    structure = np.ones((3, 3, 3), dtype=bool)
+    boxes = scipy.ndimage.find_objects(out, max_label=NUM_CLASSES - 1)  # boxes[c - 1] for class c
+    for organ_id, box in enumerate(boxes, start=1):
+        if box is None:
+            continue
+        region = out[box]  # a view: edits land in out
+        components, count = scipy.ndimage.label(region == organ_id, structure=structure)
+        keep = 2 if ORGANS[organ_id] in PAIRED_ORGANS else 1
+        if count <= keep:
+            continue
+        sizes = np.bincount(components.ravel())[1:]  # component k has size sizes[k - 1]
+        kept = np.zeros(count + 1, dtype=bool)
+        kept[np.argsort(sizes)[::-1][:keep] + 1] = True
+        region[(components > 0) & ~kept[components]] = 0
+    return out
+
+
+# --------------------------------------------------------------------------- files
+
+def predict_files(checkpoint, inputs, out_dir, device="auto", batch_size: int = 32, save_probabilities: bool = False,
+                  largest_component: bool = False, fold_bn: bool = True, progress: bool = True) -> dict:
+    """Predict every CT in `inputs` (a file or a folder) into `out_dir`.
+
+    Writes ``OUT/<case_id>.nii.gz`` (uint8, the input's exact shape and affine), optionally
+    ``OUT/<case_id>_probabilities.nii.gz``, and the label files of
+    :func:`write_label_descriptions`. Reading the next file and writing the previous one run
+    in background threads while the model works. Every file is written atomically; an existing
+    output is overwritten. A file that cannot be read as a CT is reported, and the rest completes.
+
+    Args:
+        checkpoint: a checkpoint from training; its config and preprocessing rebuild the model.
+        device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda:N"``.
+        fold_bn: fold BatchNorm into the convolutions (same outputs, faster).
+
+    Returns:
+        ``{"written": [label files], "probabilities": [files], "failed": [{"file", "error"}],
+        "seconds": wall time}``.
+
+    Raises:
+        PredictError: `inputs` missing or holding no NIfTI file, or `out_dir` is the input folder.
+        training.checkpoint.CheckpointError: an unusable checkpoint.
+    """
+    started = time.perf_counter()
+    files = _input_files(inputs)
+    out_dir = Path(out_dir)
+    if any(f.parent.resolve() == out_dir.resolve() for f in files):
+        raise PredictError(f"{out_dir}: the output folder holds the inputs; predictions would overwrite them")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_label_descriptions(out_dir)
+    summary = {"written": [], "probabilities": [], "failed": []}
+    seen: dict[str, Path] = {}
+    with ThreadPoolExecutor(1, thread_name_prefix="read") as reader, \
+            ThreadPoolExecutor(1, thread_name_prefix="write") as writer:
+        pending_read = reader.submit(_read_ct, files[0])  # read while the model loads
+        pending_write = None
+        device = select_device(device)
+        model, cfg, params = model_from_checkpoint(load_checkpoint(checkpoint))
+        if fold_bn:
+            model = fold_batchnorm(model)
+        model.to(device)
+        amp_dtype = select_amp(device, cfg.amp)
+        for i, path in enumerate(tqdm(files, desc="predict", unit="file", disable=not progress)):
+            volume, error = _result(pending_read)
+            if i + 1 < len(files):
+                pending_read = reader.submit(_read_ct, files[i + 1])
+            case_id = case_id_from_path(path)
+            if error is None and case_id in seen:
+                error = f"{path}: case id {case_id} already predicted from {seen[case_id]}; skipped"
+            if error is not None:
+                summary["failed"].append({"file": str(path), "error": error})
+                continue
+            seen[case_id] = path
+            prediction = predict_volume(model, volume, params, cfg.in_channels, device, amp_dtype, batch_size,
+                                        cfg.channels_last, save_probabilities, largest_component)
+            _collect_write(pending_write, summary)  # at most one volume waits to be written
+            pending_write = writer.submit(_write_case, prediction, volume, out_dir / case_id, save_probabilities)
+        _collect_write(pending_write, summary)
+    summary["seconds"] = time.perf_counter() - started
+    return summary
+
+
+def _input_files(inputs) -> list[Path]:
+    inputs = Path(inputs)
+    if inputs.is_file():
+        return [inputs]
+    if not inputs.is_dir():
+        raise PredictError(f"{inputs}: no such file or folder")
+    files = sorted(p for p in inputs.iterdir()
+                   if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith((".nii", ".nii.gz")))
+    if not files:
+        raise PredictError(f"{inputs}: holds no .nii or .nii.gz files")
+    return files
+
+
+def _read_ct(path: Path) -> Volume:
+    # a named caller, so load_ct's warnings point here rather than into concurrent.futures
+    return load_ct(path)
+
+
+def _result(future):
+    """``(value, None)`` or ``(None, one-line error)`` for a read of a bad file."""
+    try:
+        return future.result(), None
+    except (ValueError, OSError) as err:  # NiftiError is a ValueError
+        return None, str(err).splitlines()[0]
+
+
+def _write_case(prediction, volume: Volume, stem: Path, save_probabilities: bool) -> dict:
+    """Write one case's outputs; returns ``{"file", "probabilities"?}`` or ``{"file", "error"}``."""
+    labels, probabilities = prediction if save_probabilities else (prediction, None)
+    label_path = stem.with_name(stem.name + ".nii.gz")
+    try:
+        save_labels(labels, volume, label_path)
+        done = {"file": str(label_path)}
+        if probabilities is not None:
+            probability_path = stem.with_name(stem.name + "_probabilities.nii.gz")
+            # (12, X, Y, Z) -> (X, Y, Z, 12) -> the file's own axis order (I, J, K, 12)
+            on_disk = to_original(np.moveaxis(probabilities, 0, -1), volume)
+            save_volume(on_disk, volume.original_affine, probability_path, dtype=np.uint8)
+            done["probabilities"] = str(probability_path)
+        return done
+    except (ValueError, OSError) as err:
+        return {"file": volume.path, "error": f"{label_path}: could not write ({str(err).splitlines()[0]})"}
+
+
+def _collect_write(future, summary: dict) -> None:
+    if future is None:
+        return
+    done = future.result()
+    if "error" in done:
+        summary["failed"].append(done)
+        return
+    summary["written"].append(done["file"])
+    if "probabilities" in done:
+        summary["probabilities"].append(done["probabilities"])
+
+
+def write_label_descriptions(out_dir) -> list[Path]:
+    """Write the label names and colours for viewers into `out_dir`.
+
+    ``labels.txt``: ITK-SNAP label description file (``IDX R G B A VIS MSH "LABEL"``), and
+    ``abdoseg_labels.ctbl``: 3D Slicer colour table (``id name R G B A``). Both from
+    ``utils.labels``. Returns the two paths.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    itk_lines = ["# ITK-SNAP Label Description File (abdoseg)",
+                 "# IDX   -R-  -G-  -B-  -A--  VIS MSH  LABEL"]
+    slicer_lines = ["# 3D Slicer color table (abdoseg)", f"# {NUM_CLASSES} values"]
+    for organ_id, (name, (red, green, blue)) in enumerate(zip(ORGANS, COLORS)):
+        visible = 0 if organ_id == 0 else 1
+        text = "Clear Label" if organ_id == 0 else DISPLAY_NAMES[organ_id]
+        alpha = 0 if organ_id == 0 else 1
+        itk_lines.append(f"{organ_id:>5} {red:>5} {green:>4} {blue:>4} {alpha:>8} {visible:>2} {visible:>2}    \"{text}\"")
+        slicer_lines.append(f"{organ_id} {name} {red} {green} {blue} {255 if organ_id else 0}")
+    paths = [out_dir / ITKSNAP_FILE, out_dir / SLICER_FILE]
+    for path, lines in zip(paths, (itk_lines, slicer_lines)):
+        _write_text_atomically(path, "\n".join(lines) + "\n")
+    return paths
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(text)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)

@@ -1,0 +1,318 @@
+"""Read and write NIfTI volumes: the only module that touches ``.nii`` / ``.nii.gz`` files.
+
+Pure numpy + nibabel (no torch). Every array handed to the rest of abdoseg is in
+*closest-canonical RAS+* orientation (``nib.as_closest_canonical`` semantics: axis permutations
+and flips only, never resampling), shape ``(X, Y, Z)``, so axial slices are ``data[:, :, z]``.
+Predictions go back to the file's own axis order and affine with :func:`to_original` /
+:func:`save_labels`.
+
+Decisions (what the loader does with awkward files):
+
+* **Intensities.** Raw integers are read and ``scl_slope``/``scl_inter`` applied without ever
+  making float64: integer data whose scaling maps integers to integers exactly (identity,
+  ``uint16`` with ``inter=-1024``, ...) becomes ``int16`` HU when it fits, anything else
+  (non-integral slope, float files, integers out of int16 range) becomes ``float32``.
+* **Shape.** A trailing singleton 4th axis is dropped; more than one volume is refused. A volume
+  must have at least 2 voxels along each of its 3 spatial axes: 2D images and single-slice
+  files are refused (no slice spacing, nothing 3D to preprocess).
+* **Not CT** (``check_intensity=True``): refused when all values lie in 0..255 (an 8-bit
+  image), when fewer than 0.1% of voxels are below -500 HU (no air: MR, or raw CT without its
+  rescale intercept), or when the maximum is below -200 HU (no tissue). NaN/inf voxels are
+  refused always.
+* **Oblique affines** load with a ``UserWarning``: slices are taken along the nearest voxel axis
+  without resampling, and predictions are written back with the exact original affine.
+* **No xform codes** (``sform_code == qform_code == 0``) load with a ``UserWarning``: the
+  orientation is unknown and assumed from the header's pixdim (nibabel's fallback affine).
+  Otherwise nibabel's choice is used: the sform, else the qform.
+
+Bad input files raise :class:`NiftiError` with a one-line ``'<path>: <what is wrong>'``.
+"""
+
+import os
+import re
+import tempfile
+import warnings
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.filebasedimages import ImageFileError
+from nibabel.spatialimages import HeaderDataError
+
+AIR_HU = -500.0  # voxels below this count as air (air is ~ -1000 HU, fat ~ -100 HU)
+MIN_AIR_FRACTION = 0.001  # abdominal CT has air outside the body, in bowel and lung bases
+MIN_MAX_HU = -200.0  # a CT of a body contains tissue above this
+OBLIQUE_TOLERANCE_DEG = 0.1  # below this an axis tilt is rounding noise, not an oblique scan
+MASK_GRID_ATOL_MM = 1e-3
+
+_INT16 = np.iinfo(np.int16)
+_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, ImageFileError, HeaderDataError)
+
+
+class NiftiError(ValueError):
+    """Bad input file. ``str(err)`` is one line: ``'<path>: <what is wrong>'``."""
+
+    def __init__(self, path, problem: str):
+        super().__init__(f"{path}: {problem}")
+
+
+@dataclass
+class Volume:
+    """A CT volume in closest-canonical RAS+ orientation, with what is needed to write back.
+
+    Attributes:
+        data: ``(X, Y, Z)`` HU, int16 or float32 (see module docstring); axial slices ``data[:, :, z]``.
+        spacing: voxel size in mm along the canonical axes X, Y, Z.
+        affine: ``(4, 4)`` voxel-to-world (RAS mm) affine of ``data``.
+        original_affine: ``(4, 4)`` affine of the file as written on disk.
+        original_shape: the file's 3D shape, in its own axis order.
+        path: the file it came from.
+    """
+
+    data: np.ndarray
+    spacing: tuple[float, float, float]
+    affine: np.ndarray
+    original_affine: np.ndarray
+    original_shape: tuple[int, int, int]
+    path: str
+
+
+def case_id_from_path(path) -> str:
+    """``'Case_00012_0000.nii.gz' -> 'Case_00012'``: drop ``.nii(.gz)`` and a ``_0000`` channel suffix."""
+    name = re.sub(r"\.nii(\.gz)?$", "", Path(path).name, flags=re.IGNORECASE)
+    return re.sub(r"_0000$", "", name)
+
+
+def load_ct(path, check_intensity: bool = True) -> Volume:
+    """Load a CT volume, reoriented to closest-canonical RAS+.
+
+    Args:
+        path: a ``.nii`` or ``.nii.gz`` file (NIfTI-1 or NIfTI-2), 3D or 4D with one volume.
+        check_intensity: refuse images whose values do not look like CT in HU.
+
+    Returns:
+        A :class:`Volume`; ``data`` is ``(X, Y, Z)`` int16 HU, or float32 when the file's
+        scaling is not integral or the file stores floats.
+
+    Raises:
+        NiftiError: missing, unreadable, truncated, not 3D, NaN/inf voxels, or not CT.
+    """
+    img, raw = _read_nifti(path)
+    hu = _scale_to_hu(raw, img.dataobj.slope, img.dataobj.inter)
+    _check_finite(path, hu)
+    if check_intensity:
+        _check_ct_intensities(path, hu, img.get_data_dtype())
+    _warn_about_orientation(path, img)
+    data, affine = _to_canonical(hu, img.affine)
+    spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
+    return Volume(data=data, spacing=spacing, affine=affine, original_affine=img.affine.copy(),
+                  original_shape=tuple(int(s) for s in raw.shape), path=str(path))
+
+
+def load_mask(path, reference: Volume) -> np.ndarray:
+    """Load a label map on the same grid as ``reference``, in the same canonical orientation.
+
+    The grid is compared after canonical reorientation, so a mask stored with another axis order
+    than its image (same world grid) is accepted.
+
+    Returns:
+        ``(X, Y, Z)`` integer labels like ``reference.data``; uint8 when the labels fit, else
+        int32 (int64 beyond int32).
+
+    Raises:
+        NiftiError: unreadable, a different grid, NaN/inf, negative or non-integer values.
+    """
+    img, raw = _read_nifti(path)
+    labels = _apply_scaling(raw, img.dataobj.slope, img.dataobj.inter)
+    _check_finite(path, labels)
+    labels, affine = _to_canonical(labels, img.affine)
+    affine_difference = float(np.abs(affine - reference.affine).max())
+    if labels.shape != reference.data.shape or affine_difference > MASK_GRID_ATOL_MM:
+        raise NiftiError(path, f"mask grid differs from its image {reference.path}: canonical shape "
+                               f"{labels.shape} vs {reference.data.shape}, max affine difference "
+                               f"{affine_difference:.4g} mm")
+    if labels.dtype.kind == "f":
+        fractional = labels != np.round(labels)
+        if fractional.any():
+            raise NiftiError(path, f"label map holds non-integer values (e.g. {labels[fractional][0]:g}); "
+                                   "labels must be integer class ids")
+    low, high = labels.min(), labels.max()
+    if low < 0:
+        raise NiftiError(path, f"label map holds negative values (min {low:g}); labels must be >= 0")
+    label_dtype = next(t for t in (np.uint8, np.int32, np.int64) if high <= np.iinfo(t).max)
+    return labels.astype(label_dtype, copy=False)
+
+
+def to_original(array: np.ndarray, reference: Volume) -> np.ndarray:
+    """Canonical ``(X, Y, Z[, ...])`` -> the file's own axis order and flips ``(I, J, K[, ...])``.
+
+    The exact inverse of the reorientation done by :func:`load_ct`; trailing axes (e.g.
+    class probabilities) are carried along. Returns a view when possible.
+    """
+    ornt = nib.orientations.io_orientation(reference.original_affine)
+    back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), ornt)
+    return nib.orientations.apply_orientation(array, back)
+
+
+def save_labels(labels: np.ndarray, reference: Volume, path) -> None:
+    """Write canonical ``(X, Y, Z)`` labels in the reference file's own grid, as uint8.
+
+    The file gets ``reference.original_shape`` and exactly ``reference.original_affine`` (sform
+    and qform, codes 1), so viewers overlay it on the input. Written atomically; ``.nii`` or
+    ``.nii.gz`` by the suffix of ``path``.
+    """
+    labels = np.asarray(labels)
+    if labels.shape != reference.data.shape:
+        raise ValueError(f"labels shape {labels.shape} != reference canonical shape {reference.data.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() > 255):
+        raise ValueError(f"labels span {labels.min()}..{labels.max()}, which does not fit uint8")
+    save_volume(to_original(labels, reference).astype(np.uint8), reference.original_affine, path)
+
+
+def save_volume(array, affine, path, dtype=None) -> None:
+    """Write ``array`` as given (no reorientation) to a NIfTI-1 file, atomically.
+
+    Args:
+        array: ``(I, J, K[, ...])`` voxels in the order of ``affine``; bool is stored as uint8.
+        affine: ``(4, 4)`` voxel-to-world affine, stored as sform and qform (codes 1).
+        path: ends with ``.nii`` or ``.nii.gz`` (gzip-compressed).
+        dtype: on-disk dtype; the array is cast with numpy ``astype`` (no scaling).
+            Default: the array's own dtype.
+    """
+    path = Path(path)
+    suffix = next((s for s in (".nii.gz", ".nii") if path.name.lower().endswith(s)), None)
+    if suffix is None:
+        raise ValueError(f"{path}: NIfTI path must end with .nii or .nii.gz")
+    array = np.asarray(array)
+    if dtype is None:
+        dtype = np.uint8 if array.dtype == bool else array.dtype  # NIfTI has no bool type
+    array = array.astype(dtype, copy=False)
+    affine = np.asarray(affine, dtype=np.float64)
+    img = nib.Nifti1Image(array, affine, dtype=array.dtype)
+    img.header.set_sform(affine, code=1)
+    img.header.set_qform(affine, code=1)
+    img.header.set_xyzt_units("mm")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Write to a temporary name in the same folder, then rename: a crash never leaves a half file.
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(handle)
+    try:
+        img.to_filename(temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def _read_nifti(path) -> tuple[nib.Nifti1Image, np.ndarray]:
+    """Open a NIfTI file and read its raw (unscaled) voxels, ``(I, J, K)`` in file order."""
+    if not os.path.isfile(path):
+        raise NiftiError(path, "file not found" if not os.path.exists(path) else "not a file")
+    try:
+        img = nib.load(path, mmap=False)  # mmap=False: read now and close the file
+    except _READ_ERRORS as err:
+        raise NiftiError(path, f"not a readable NIfTI file ({_first_line(err)})") from err
+    if not isinstance(img, nib.Nifti1Image):  # Nifti2Image is a subclass
+        raise NiftiError(path, f"is a {type(img).__name__}, not a NIfTI image")
+    shape = img.shape
+    extra = int(np.prod(shape[3:], dtype=np.int64))
+    if len(shape) > 3 and extra > 1:
+        raise NiftiError(path, f"{len(shape)}D image with {extra} volumes; abdoseg needs one 3D CT volume")
+    if len(shape) < 3 or min(shape[:3]) < 2:
+        raise NiftiError(path, f"shape {shape} is a 2D image or a single slice; abdoseg needs a 3D volume "
+                               "with at least 2 voxels along each axis")
+    try:
+        # Read inside the try: a truncated or corrupt gzip only fails when the data is read.
+        raw = np.asanyarray(img.dataobj.get_unscaled())
+    except _READ_ERRORS as err:
+        raise NiftiError(path, f"voxel data unreadable, truncated or corrupt ({_first_line(err)})") from err
+    return img, raw.reshape(shape[:3])
+
+
+def _apply_scaling(raw: np.ndarray, slope: float, inter: float) -> np.ndarray:
+    """``raw * slope + inter`` without float64: integers stay integers when the scaling is integral.
+
+    Returns an integer array (int16 when the values fit, else int32/int64) or float32.
+    """
+    if raw.dtype.kind in "iu" and float(slope).is_integer() and float(inter).is_integer():
+        slope, inter = int(slope), int(inter)
+        raw_low, raw_high = (int(raw.min()), int(raw.max())) if raw.size else (0, 0)
+        out_low, out_high = sorted((raw_low * slope + inter, raw_high * slope + inter))
+        low = min(raw_low, out_low, -abs(slope), -abs(inter))  # slope, inter must fit too
+        high = max(raw_high, out_high, abs(slope), abs(inter))
+        work = next(t for t in (np.int16, np.int32, np.int64)
+                    if np.iinfo(t).min <= low and high <= np.iinfo(t).max)
+        out = raw.astype(work, copy=False)  # no copy for native int16 on disk
+        if slope != 1 or inter != 0:
+            out = out * work(slope)  # a new array: the raw buffer may be read-only
+            out += work(inter)
+        if out_low >= _INT16.min and out_high <= _INT16.max:
+            out = out.astype(np.int16, copy=False)
+        return out
+    out = raw.astype(np.float32)  # float32 first: int32 * float32 would promote to float64
+    if slope != 1:
+        out *= np.float32(slope)
+    if inter != 0:
+        out += np.float32(inter)
+    return out
+
+
+def _scale_to_hu(raw: np.ndarray, slope: float, inter: float) -> np.ndarray:
+    """HU as int16 when exact, else float32 (never wider integers: float32 holds them exactly)."""
+    hu = _apply_scaling(raw, slope, inter)
+    return hu if hu.dtype in (np.int16, np.float32) else hu.astype(np.float32)
+
+
+def _check_finite(path, array: np.ndarray) -> None:
+    if array.dtype.kind == "f":
+        bad = array.size - int(np.count_nonzero(np.isfinite(array)))
+        if bad:
+            raise NiftiError(path, f"{bad} of {array.size} voxels are NaN or inf")
+
+
+def _check_ct_intensities(path, hu: np.ndarray, disk_dtype: np.dtype) -> None:
+    """Refuse values that cannot be CT in HU (thresholds in the module docstring)."""
+    low, high = float(hu.min()), float(hu.max())
+    stored = f"stored as {disk_dtype}"
+    if low >= 0 and high <= 255:
+        raise NiftiError(path, f"values span {low:g}..{high:g}, which looks like an 8-bit image, "
+                               f"not CT in HU ({stored})")
+    air = int(np.count_nonzero(hu < AIR_HU))
+    if air < max(1, MIN_AIR_FRACTION * hu.size):
+        raise NiftiError(path, f"only {air} of {hu.size} voxels are below {AIR_HU:g} HU (values span "
+                               f"{low:g}..{high:g}, {stored}): no air, so not CT in HU (an MR image, "
+                               "or CT without its rescale intercept?)")
+    if high < MIN_MAX_HU:
+        raise NiftiError(path, f"maximum is {high:g} HU: no tissue above {MIN_MAX_HU:g} HU, so not CT in HU")
+
+
+def _warn_about_orientation(path, img: nib.Nifti1Image) -> None:
+    header = img.header
+    if int(header["sform_code"]) == 0 and int(header["qform_code"]) == 0:
+        warnings.warn(f"{path}: no orientation in the header (sform_code = qform_code = 0); orientation "
+                      "is unknown and assumed from pixdim (nibabel's default affine)", UserWarning,
+                      stacklevel=3)
+    tilt = float(np.degrees(nib.affines.obliquity(img.affine)).max())
+    if tilt > OBLIQUE_TOLERANCE_DEG:
+        warnings.warn(f"{path}: the volume is oblique ({tilt:.1f} degrees off the world axes); slices "
+                      "are taken along the nearest voxel axis without resampling, and predictions keep "
+                      "the original affine", UserWarning, stacklevel=3)
+
+
+def _to_canonical(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """File-order ``(I, J, K)`` -> closest-canonical RAS+ ``(X, Y, Z)`` and its affine.
+
+    Same as ``nib.as_closest_canonical``; the result is C-contiguous (torch cannot take
+    negative strides), copied only when the file is not already RAS+.
+    """
+    ornt = nib.orientations.io_orientation(affine)
+    canonical = nib.orientations.apply_orientation(array, ornt)
+    canonical_affine = affine @ nib.orientations.inv_ornt_aff(ornt, array.shape)
+    return np.ascontiguousarray(canonical), canonical_affine
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
