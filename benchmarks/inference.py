@@ -21,7 +21,8 @@ Each measurement runs in a fresh subprocess, so ``peak_rss_mb_*`` (the child's o
 ``VmHWM``) is per run. Seconds are the wall time of the prediction call inside the child
 (checkpoint load and device setup included, Python and torch import excluded:
 ``process_seconds_*`` includes them). ``peak_rss_mb_model_only`` is the floor every run shares
-(Python, torch, the model); ``load_average_*`` shows whether other work shared the machine.
+(Python, torch, the model); ``load_average_*`` shows whether other work shared the machine, and
+``cpu_seconds_*`` (the child's user + system time, import included) is less sensitive to it.
 
 Usage::
 
@@ -53,7 +54,8 @@ import scipy.ndimage  # noqa: E402
 import torch  # noqa: E402
 
 from network.unet import UNet, fold_batchnorm  # noqa: E402
-from training.checkpoint import FORMAT, label_scheme, load_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: E402
+from training.checkpoint import (FORMAT, label_scheme, load_checkpoint, model_from_checkpoint,  # noqa: E402
+                                 save_checkpoint)
 from training.config import TrainConfig  # noqa: E402
 from training.predict import CPU_MAX_BATCH, predict_files  # noqa: E402
 from training.train import select_amp, select_device  # noqa: E402
@@ -155,7 +157,9 @@ def child(args) -> None:
         result = seed_way(args.checkpoint, args.input, args.out, args.device, args.seed_limit)
     else:
         result = model_only(args.device, args.model_seconds)
-    result.update(peak_rss_mb=peak_rss_mb(), child_seconds=time.perf_counter() - started)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    result.update(peak_rss_mb=peak_rss_mb(), child_seconds=time.perf_counter() - started,
+                  cpu_seconds=usage.ru_utime + usage.ru_stime)
     print(json.dumps(result))
 
 
@@ -195,7 +199,8 @@ def main(args) -> dict:
             del phantom
             log(f"phantom {args.size}x{args.size}x{num_slices}: {time.perf_counter() - started:.1f} s")
 
-        result = {"load_average_at_start": os.getloadavg(), "device": str(select_device(args.device)), "size": args.size, "threads": torch.get_num_threads(),
+        result = {"load_average_at_start": os.getloadavg(), "device": str(select_device(args.device)),
+                  "size": args.size, "threads": torch.get_num_threads(),
                   "model": "UNet features (64, 128, 256, 512), random init, 256x256",
                   "cpu_max_batch": CPU_MAX_BATCH}
         model = run_child("model", args)
@@ -208,13 +213,15 @@ def main(args) -> dict:
             written = nib.load(out / ct.name)
             assert written.shape == nib.load(ct).shape and written.get_data_dtype() == np.uint8
             result.update({f"seconds_{num_slices}": run["seconds"], f"peak_rss_mb_{num_slices}": run["peak_rss_mb"],
-                           f"process_seconds_{num_slices}": run["process_seconds"]})
+                           f"process_seconds_{num_slices}": run["process_seconds"],
+                           f"cpu_seconds_{num_slices}": run["cpu_seconds"]})
             log(f"ours {num_slices} slices: {run['seconds']:.1f} s, peak RSS {run['peak_rss_mb']:.0f} MB")
 
         num_slices = args.slices[0]
         seed = run_child("seed", args, checkpoint=checkpoint, input=cts[num_slices], out=work)
         result.update({f"seed_way_seconds_{num_slices}": seed["seconds"],
                        f"seed_way_peak_rss_mb_{num_slices}": seed["peak_rss_mb"],
+                       "seed_way_cpu_seconds_run": seed["cpu_seconds"],
                        "seed_way_extrapolated_from": seed["extrapolated_from"],
                        "seed_way_seconds_per_slice": seed["loop_seconds_per_slice"],
                        "seed_way_load_seconds": seed["load_seconds"], "seed_way_save_seconds": seed["save_seconds"],

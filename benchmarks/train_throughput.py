@@ -15,7 +15,8 @@ FLOPs      counted from the model (seed U-Net, features 64..512, 256 x 256): a f
            replaces ``Hout * Wout``). BatchNorm, ReLU, pooling and the loss are not counted.
            Training = 3 x forward (forward, input gradients, weight gradients).
 peak       a large square ``torch.matmul`` (2048 on CPU, 8192 on CUDA) in fp32 and bf16, GFLOP/s
-           (on CUDA fp32 with TF32 off, plus a "tf32" figure).
+           (on CUDA fp32 with TF32 off, plus a "tf32" figure), at the start and at the end of the
+           run; the higher of the two is the peak (a busy shared machine only ever lowers it).
 (a) plain  eager, contiguous (NCHW), fp32, no augmentation: ``train_one_epoch`` over the real
            loader (``make_loaders``) with WeightedCELoss and AdamW, PyTorch's default backend flags.
 (b) fast   the project's fastest settings: ``setup_runtime`` (bf16 autocast from ``select_amp``,
@@ -68,7 +69,7 @@ QUICK = {"cases": 2, "phantom_size": 64, "slices": 8, "size": 64, "features": (8
          "batch_size": 4, "infer_batch": 4, "warmup": 1, "steps": 2, "infer_steps": 2}
 FULL = {"cases": 3, "phantom_size": 256, "slices": 48, "size": 256, "features": (64, 128, 256, 512),
         "infer_batch": 32}
-CPU = {"matmul": 2048, "batch_size": 16, "warmup": 1, "steps": 3, "infer_steps": 1}
+CPU = {"matmul": 2048, "batch_size": 8, "warmup": 1, "steps": 3, "plain_steps": 2, "infer_steps": 1}
 CUDA = {"matmul": 8192, "batch_size": 64, "warmup": 5, "steps": 50, "infer_steps": 20}
 
 
@@ -130,6 +131,14 @@ def matmul_gflops(device: torch.device, dtype: torch.dtype, n: int, tf32: bool =
         return 2 * n**3 / seconds / 1e9
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def matmul_peaks(device: torch.device, n: int) -> dict:
+    """{"fp32", "bf16"} (and "tf32" on CUDA) matmul GFLOP/s."""
+    peak = {"fp32": matmul_gflops(device, torch.float32, n), "bf16": matmul_gflops(device, torch.bfloat16, n)}
+    if device.type == "cuda":
+        peak["tf32"] = matmul_gflops(device, torch.float32, n, tf32=True)
+    return peak
 
 
 def make_data(folder: Path, sizes: dict) -> Path:
@@ -204,10 +213,10 @@ def measure_inference(model: nn.Module, images: torch.Tensor, rt: Runtime, warmu
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--batch-size", type=int, default=None, help="training batch (default 16 CPU, 64 CUDA)")
+    parser.add_argument("--batch-size", type=int, default=None, help="training batch (default 8 CPU, 64 CUDA)")
     parser.add_argument("--infer-batch-size", type=int, default=None, help="default 32")
     parser.add_argument("--steps", type=int, default=None, help="timed training steps (default 3 CPU, 50 CUDA)")
-    parser.add_argument("--plain-steps", type=int, default=None, help="timed steps of (a) (default: --steps)")
+    parser.add_argument("--plain-steps", type=int, default=None, help="timed steps of (a) (default 2 CPU, 50 CUDA)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1 CPU, 5 CUDA)")
     parser.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default: the config's)")
     compile_group = parser.add_mutually_exclusive_group()
@@ -226,7 +235,7 @@ def main(argv=None) -> dict:
     sizes = {**FULL, **(CUDA if cuda else CPU), **(QUICK if args.quick else {})}
     batch_size = args.batch_size or sizes["batch_size"]
     steps, warmup = args.steps or sizes["steps"], args.warmup if args.warmup is not None else sizes["warmup"]
-    plain_steps = args.plain_steps or steps
+    plain_steps = args.plain_steps or sizes.get("plain_steps", steps)
     compile_fast = cuda if args.compile is None else args.compile
     base = TrainConfig(device=str(device), batch_size=batch_size, features=sizes["features"])
     if args.num_workers is not None:
@@ -236,10 +245,7 @@ def main(argv=None) -> dict:
     flops_forward = conv_flops_per_image(base, sizes["size"])
     flops_train = 3 * flops_forward
     print(f"matmul peak ({sizes['matmul']}^3) ...", file=sys.stderr, flush=True)
-    peak = {"fp32": matmul_gflops(device, torch.float32, sizes["matmul"]),
-            "bf16": matmul_gflops(device, torch.bfloat16, sizes["matmul"])}
-    if cuda:
-        peak["tf32"] = matmul_gflops(device, torch.float32, sizes["matmul"], tf32=True)
+    peaks = [matmul_peaks(device, sizes["matmul"])]
 
     with tempfile.TemporaryDirectory(prefix="abdoseg-bench-train-") as tmp:
         print("writing and preprocessing phantoms ...", file=sys.stderr, flush=True)
@@ -267,6 +273,9 @@ def main(argv=None) -> dict:
         print("(b) fastest inference ...", file=sys.stderr, flush=True)
         fast_infer = measure_inference(infer_model, images, rt, 2 if compile_fast else 1, sizes["infer_steps"])
 
+    print("matmul peak again ...", file=sys.stderr, flush=True)
+    peaks.append(matmul_peaks(device, sizes["matmul"]))
+    peak = {key: max(p[key] for p in peaks) for key in peaks[0]}
     fast_peak = peak["bf16"] if rt.amp_dtype in (torch.bfloat16, torch.float16) else peak["fp32"]
 
     def fraction(rate, flops, peak_gflops):
@@ -284,6 +293,7 @@ def main(argv=None) -> dict:
         "plain_fp32_infer_fraction_of_fp32_matmul_peak": fraction(plain["infer"], flops_forward, peak["fp32"])
         if plain else None,
         "matmul_peak_gflops": {key: round(value, 1) for key, value in peak.items()},
+        "matmul_gflops_start_end": [{key: round(value, 1) for key, value in p.items()} for p in peaks],
         "flops_per_image": flops_forward,  # forward, one image
         "train_flops_per_image": flops_train,
         "device": str(device),

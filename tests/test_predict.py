@@ -18,7 +18,7 @@ from training.predict import (generate_predictions, keep_largest_component, load
                               predict_files, predict_volume, write_label_descriptions)
 from utils.labels import NUM_CLASSES, ORGAN_IDS, ORGANS
 from utils.preprocess_data import PreprocessParams
-from utils.volume_io import Volume, load_ct, save_volume
+from utils.volume_io import Volume, save_volume
 
 TINY = TrainConfig(features=(4, 8))
 LIVER = ORGAN_IDS["liver"]  # 5: what the fake model predicts on bright voxels
@@ -37,7 +37,8 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 class BrightIsLiver(nn.Module):
-    """Fake model: liver logits where the centre input channel is above 0.6 (the 1000 HU cube, not the -200 HU body), background elsewhere."""
+    """Fake model: liver logits where the centre input channel is above 0.6 (the 1000 HU cube,
+    not the -200 HU body), background elsewhere."""
 
     def __init__(self, in_channels: int = 1):
         super().__init__()
@@ -143,7 +144,8 @@ def test_labels_land_on_the_input_voxels(geometry, spacing, tiny_checkpoint, tmp
 def test_crop_outside_the_field_of_view_is_background(tmp_path):
     # spacing 1.0 mm on a 1.5 mm grid: 90 px -> 135 px, cropped to 64: the volume edges are outside
     hu = synthetic_ct((90, 70, 4), (slice(0, 90), slice(0, 70), slice(1, 3)))
-    volume = Volume(hu, (1.5, 2.0, 3.0), np.diag([1.5, 2.0, 3.0, 1.0]), np.diag([1.5, 2.0, 3.0, 1.0]), hu.shape, "x")
+    affine = np.diag([1.5, 2.0, 3.0, 1.0])
+    volume = Volume(hu, (1.5, 2.0, 3.0), affine, affine, hu.shape, "x")
     labels = predict_volume(BrightIsLiver(), volume, PreprocessParams(target_size=(64, 64), spacing=1.0))
     assert labels[45, 35, 1] == LIVER and labels[0, 0, 1] == 0 and labels[89, 69, 2] == 0
     assert not labels[:, :, [0, 3]].any()
@@ -152,7 +154,8 @@ def test_crop_outside_the_field_of_view_is_background(tmp_path):
 def test_neighbouring_slices_are_centred(tmp_path):
     hu = synthetic_ct((40, 40, 6), (slice(10, 30), slice(10, 30), slice(2, 3)))
     volume = Volume(hu, (1.0, 1.0, 1.0), np.eye(4), np.eye(4), hu.shape, "x")
-    labels = predict_volume(BrightIsLiver(in_channels=5), volume, PreprocessParams(target_size=(32, 32)), in_channels=5)
+    labels = predict_volume(BrightIsLiver(in_channels=5), volume, PreprocessParams(target_size=(32, 32)),
+                            in_channels=5)
     assert np.array_equal(np.flatnonzero(labels.any(axis=(0, 1))), [2])
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from utils.labels import SOURCES
@@ -23,6 +24,7 @@ from utils.labels import SOURCES
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    warnings.showwarning = one_line_warning
     try:
         return args.run(args) or 0
     except KeyboardInterrupt:
@@ -32,8 +34,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if isinstance(err, OSError) and err.filename is not None and err.strerror:
+            message = f"{err.filename}: {err.strerror[0].lower()}{err.strerror[1:]}"  # not "[Errno 20] ..."
         print(f"error: {message}", file=sys.stderr)
         return 2
+
+
+def one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings (an oblique scan, a file without orientation) as one line, like errors."""
+    print(f"warning: {str(message).strip().splitlines()[0]}", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -25,6 +27,8 @@ from utils.labels import COLORS, ORGANS
 from utils.preprocess_data import PreprocessParams
 
 FORMAT = 1
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default container
+PICKLE_PROTOCOL = b"\x80"  # torch.save(..., _use_new_zipfile_serialization=False)
 
 
 class CheckpointError(ValueError):
@@ -55,25 +59,72 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     """Load a checkpoint safely (``weights_only=True``) and check it is one of ours.
 
-    Raises CheckpointError for a missing, truncated, corrupt or foreign file, and for one that
-    carries pickled objects (which would run code if unpickled without ``weights_only``).
+    Checks that it is a torch.save file, that it unpickles without running code, and that its
+    weights fit the U-Net its config describes (so :func:`model_from_checkpoint` cannot fail).
+
+    Raises CheckpointError for a missing, empty, truncated, corrupt or foreign file, and for one
+    that carries pickled objects (which would run code if unpickled without ``weights_only``).
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if not head:
+        raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint")
+    if not head.startswith((ZIP_MAGIC, PICKLE_PROTOCOL)):
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (torch.save writes a zip or pickle file; "
+                              f"this one starts with {head!r})")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the protocol of a file it then refuses
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        reason = str(err).splitlines()[0] if str(err) else "unsupported content"
-        raise CheckpointError(f"{path}: refused: it holds pickled objects that only a full "
-                              f"unpickle could load, which can run code ({reason[:120]})") from None
-    except (EOFError, zipfile.BadZipFile, RuntimeError, OSError) as err:
-        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({str(err).splitlines()[0][:120]})") from None
+        raise CheckpointError(f"{path}: refused: it holds {_unsafe_content(err)}, which only a full unpickle "
+                              "could load, and a full unpickle can run code") from None
+    except (EOFError, KeyError, IndexError, ValueError, zipfile.BadZipFile, RuntimeError, OSError) as err:
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({_first_sentence(err)})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT or "model" not in state:
         raise CheckpointError(f"{path}: not an abdoseg checkpoint (no format {FORMAT} model state)")
     if list(state.get("labels", {}).get("organs", ORGANS)) != list(ORGANS):
         raise CheckpointError(f"{path}: trained with another label scheme: {state['labels']['organs']}")
+    _check_model(state, path)
     return state
+
+
+def _check_model(state: dict, path: Path) -> None:
+    """Config and preprocessing parse, and the weights have the names and shapes the config's U-Net has."""
+    try:
+        cfg = TrainConfig.from_dict(state["config"], where=f"{path}: config")
+        PreprocessParams.from_dict(state["preprocess"])
+    except KeyError as err:
+        raise CheckpointError(f"{path}: not an abdoseg checkpoint (no {err} entry)") from None
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        expected = {key: tuple(value.shape) for key, value in build_model(cfg).state_dict().items()}
+    weights = state["model"] if isinstance(state["model"], dict) else {}
+    found = {key: tuple(getattr(value, "shape", ())) for key, value in weights.items()}
+    if found != expected:
+        wrong = sorted(key for key in expected.keys() | found.keys() if found.get(key) != expected.get(key))
+        raise CheckpointError(f"{path}: the model weights do not fit the U-Net its config describes (features "
+                              f"{list(cfg.features)}); e.g. {wrong[0]}: {found.get(wrong[0])} in the file, "
+                              f"{expected.get(wrong[0])} expected")
+
+
+def _unsafe_content(err: pickle.UnpicklingError) -> str:
+    """What the weights-only unpickler refused, from torch's long message."""
+    text = str(err)
+    named = re.search(r"GLOBAL ([\w.]+)", text)
+    if named:
+        return f"a reference to {named.group(1)}"
+    detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    return f"pickle content the safe loader does not accept ({detail.group(1) if detail else 'unsupported'})"
+
+
+def _first_sentence(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0].split(". ")[0][:160] if text else type(err).__name__
 
 
 def build_model(cfg: TrainConfig) -> UNet:

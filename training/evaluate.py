@@ -261,6 +261,8 @@ def _pair_cases(pred_dir, gt_dir) -> tuple[list[tuple[str, Path, Path]], list[st
     gt_files, pred_files = _nifti_by_case(gt_dir), _nifti_by_case(pred_dir)
     if not gt_files:
         raise ValueError(f"{gt_dir}: no ground-truth .nii / .nii.gz files")
+    if not pred_files:
+        raise ValueError(f"{pred_dir}: no predicted .nii / .nii.gz files")
     pairs = [(case, pred_files[case], path) for case, path in gt_files.items() if case in pred_files]
     missing = [case for case in gt_files if case not in pred_files]
     return pairs, missing

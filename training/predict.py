@@ -139,7 +139,8 @@ def predict_volume(model: torch.nn.Module, volume: Volume, params: PreprocessPar
                           if return_probabilities else None)
     restore_slices = max(1, RESTORE_CHUNK_BYTES // (NUM_CLASSES * size_x * size_y * 4))
     with _inference(model, device, channels_last) as model:
-        batches = _logits_in_batches(model, image, 255.0, device, amp_dtype, batch_size, channels_last, in_channels)
+        batches = _logits_in_batches(model, image, 255.0, device, amp_dtype, batch_size, channels_last,
+                                     in_channels)
         for start, logits in batches:
             for offset in range(0, len(logits), restore_slices):
                 chunk = logits[offset:offset + restore_slices]
@@ -148,7 +149,8 @@ def predict_volume(model: torch.nn.Module, volume: Volume, params: PreprocessPar
                 restored = restore_in_plane(chunk, (size_x, size_y), volume.spacing[:2], params)
                 restored = restored.contiguous(memory_format=torch.channels_last)
                 # (n, X, Y) -> (n, Y, X)
-                labels_zyx[first:stop] = restored.argmax(1).to(torch.uint8).transpose(1, 2).contiguous().cpu().numpy()
+                chunk_labels = restored.argmax(1).to(torch.uint8).transpose(1, 2)
+                labels_zyx[first:stop] = chunk_labels.contiguous().cpu().numpy()
                 if probabilities_czyx is not None:
                     scaled = restored.softmax(1).mul_(255).round_().to(torch.uint8)
                     # (n, 12, X, Y) -> (12, n, Y, X)
@@ -177,7 +179,8 @@ def _inference(model: torch.nn.Module, device: torch.device, channels_last: bool
 
 
 def _logits_in_batches(model, image: torch.Tensor, scale: float, device: torch.device,
-                       amp_dtype: torch.dtype | None, batch_size: int, channels_last: bool, in_channels: int | None = None):
+                       amp_dtype: torch.dtype | None, batch_size: int, channels_last: bool,
+                       in_channels: int | None = None):
     """Yield ``(first slice, logits (n, classes, H, W) float32)`` for ``image`` ``(Z, H, W)``.
 
     The input is ``image / scale`` with `in_channels` neighbouring slices stacked (default: the
@@ -234,8 +237,8 @@ def keep_largest_component(labels: np.ndarray) -> np.ndarray:
 
 # --------------------------------------------------------------------------- files
 
-def predict_files(checkpoint, inputs, out_dir, device="auto", batch_size: int = 32, save_probabilities: bool = False,
-                  largest_component: bool = False, fold_bn: bool = True, progress: bool = True) -> dict:
+def predict_files(checkpoint, inputs, out_dir, device="auto", batch_size: int = 32,
+                  save_probabilities: bool = False, largest_component: bool = False, fold_bn: bool = True, progress: bool = True) -> dict:
     """Predict every CT in `inputs` (a file or a folder) into `out_dir`.
 
     Writes ``OUT/<case_id>.nii.gz`` (uint8, the input's exact shape and affine), optionally
@@ -262,8 +265,6 @@ def predict_files(checkpoint, inputs, out_dir, device="auto", batch_size: int = 
     out_dir = Path(out_dir)
     if any(f.parent.resolve() == out_dir.resolve() for f in files):
         raise PredictError(f"{out_dir}: the output folder holds the inputs; predictions would overwrite them")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_label_descriptions(out_dir)
     summary = {"written": [], "probabilities": [], "failed": []}
     seen: dict[str, Path] = {}
     with ThreadPoolExecutor(1, thread_name_prefix="read") as reader, \
@@ -276,6 +277,8 @@ def predict_files(checkpoint, inputs, out_dir, device="auto", batch_size: int = 
             model = fold_batchnorm(model)
         model.to(device)
         amp_dtype = select_amp(device, cfg.amp)
+        out_dir.mkdir(parents=True, exist_ok=True)  # only now: a bad checkpoint leaves no folder behind
+        write_label_descriptions(out_dir)
         for i, path in enumerate(tqdm(files, desc="predict", unit="file", disable=not progress)):
             volume, error = _result(pending_read)
             if i + 1 < len(files):
@@ -368,7 +371,8 @@ def write_label_descriptions(out_dir) -> list[Path]:
         visible = 0 if organ_id == 0 else 1
         text = "Clear Label" if organ_id == 0 else DISPLAY_NAMES[organ_id]
         alpha = 0 if organ_id == 0 else 1
-        itk_lines.append(f"{organ_id:>5} {red:>5} {green:>4} {blue:>4} {alpha:>8} {visible:>2} {visible:>2}    \"{text}\"")
+        itk_lines.append(f"{organ_id:>5} {red:>5} {green:>4} {blue:>4} {alpha:>8} "
+                         f"{visible:>2} {visible:>2}    \"{text}\"")
         slicer_lines.append(f"{organ_id} {name} {red} {green} {blue} {255 if organ_id else 0}")
     paths = [out_dir / ITKSNAP_FILE, out_dir / SLICER_FILE]
     for path, lines in zip(paths, (itk_lines, slicer_lines)):

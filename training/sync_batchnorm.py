@@ -77,9 +77,8 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     if isinstance(module, nn.BatchNorm2d) and not isinstance(module, CPUSyncBatchNorm):
         converted = CPUSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                                     module.track_running_stats, device=module.weight.device
-                                     if module.affine else None)
-        converted.load_state_dict(module.state_dict())
+                                     module.track_running_stats)
+        converted.load_state_dict(module.state_dict())  # weights and statistics, on CPU
         converted.train(module.training)
         return converted
     for name, child in module.named_children():

@@ -15,7 +15,8 @@ holds model, optimizer, scheduler, scaler and the position inside an interrupted
 ``deterministic=True``). A run killed with SIGKILL resumes from the last complete epoch.
 
 Under ``torchrun`` (WORLD_SIZE > 1) the same code runs DistributedDataParallel: ``batch_size``
-is the global batch, split evenly over the processes, and only rank 0 writes files.
+is the global batch, split evenly over the processes, and only rank 0 writes files
+(docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -331,6 +332,8 @@ def prepare_run_folder(out_dir: Path, cfg: TrainConfig, resume: bool, overwrite:
 
 def load_resume_state(out_dir: Path) -> dict:
     """The last complete checkpoint; if it is damaged, say which good one remains."""
+    if not (out_dir / "checkpoints" / "last.pt").exists():
+        raise RunFolderError(f"{out_dir}: nothing to resume (no checkpoints/last.pt)")
     try:
         return load_checkpoint(out_dir / "checkpoints" / "last.pt")
     except CheckpointError as err:
@@ -390,8 +393,8 @@ def wrap_model(model, cfg: TrainConfig, rt: Runtime):
         # forward_sync_buffers=False: DDP would otherwise broadcast BatchNorm statistics (a
         # collective) on every forward, in eval mode too, and a process with fewer validation
         # batches would hang the others; fit broadcasts them once before validation instead
-        model = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
-                                        forward_sync_buffers=False)
+        device_ids = [rt.device.index] if rt.device.type == "cuda" else None
+        model = DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
     if cfg.compile:
         try:
             model = torch.compile(model)
@@ -408,7 +411,12 @@ def fit(cfg: TrainConfig, data_dirs, out_dir, resume: bool = False, overwrite: b
     """
     rt = setup_runtime(cfg)
     try:
-        return fit_in_runtime(cfg, data_dirs, out_dir, rt, resume, overwrite, progress)
+        result = fit_in_runtime(cfg, data_dirs, out_dir, rt, resume, overwrite, progress)
+        if rt.world_size > 1:
+            # wait for rank 0's last writes: a process exiting while gloo still releases its
+            # last collective can abort at interpreter shutdown, and torchrun then kills rank 0
+            dist.barrier(device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+        return result
     finally:
         if rt.owns_process_group:
             dist.destroy_process_group()
