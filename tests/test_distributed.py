@@ -17,8 +17,6 @@ import torch
 from training.checkpoint import build_model, load_checkpoint
 from training.config import TrainConfig
 from training.sync_batchnorm import CPUSyncBatchNorm, convert_sync_batchnorm
-from utils.phantom import write_phantom_dataset
-from utils.preprocess_data import PreprocessParams, preprocess_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_FILES = {"config.json", "log.csv", "curves.png", "checkpoints/last.pt", "checkpoints/best.pt"}
@@ -31,15 +29,6 @@ SETTINGS = ["features=[4,8]", "epochs=2", "batch_size=4", "steps_per_epoch=4", "
             "class_weights=[1,1,1,1,1,1,1,1,1,1,1,1]"]
 LOSS_RTOL = 1e-5  # see test_two_processes_train_like_one for the measured differences
 WEIGHT_RTOL, WEIGHT_ATOL = 1e-4, 1e-5
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("ddp")
-    write_phantom_dataset(root / "raw", 3, "full", seed=0, size=64, num_slices=12, progress=False)
-    preprocess_dataset("full", root / "raw" / "Image", root / "raw" / "Mask", root / "pre",
-                       PreprocessParams(target_size=(32, 32)), progress=False)
-    return root / "pre"
 
 
 def train(data: Path, out: Path, processes: int, *extra: str) -> subprocess.CompletedProcess:

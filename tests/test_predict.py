@@ -97,7 +97,7 @@ def test_load_and_preprocess_shapes_and_dtypes(shared_data):
     folder = shared_data / "real" / "totalseg_example"
     ct, mask = load_and_preprocess_ct_data(folder / "example_ct_sm.nii.gz", folder / "example_seg.nii.gz",
                                            target_size=(96, 80), label_rearrange="totalseg")
-    assert ct.shape == mask.shape == (30, 96, 80)
+    assert ct.shape == mask.shape == (96, 80, 30)  # slices along the last axis, like volumes
     assert ct.dtype == np.float32 and 0 <= ct.min() and ct.max() <= 1
     assert mask.dtype == np.uint8 and mask.max() < NUM_CLASSES and mask.any()
     ct_only, no_mask = load_and_preprocess_ct_data(folder / "example_ct_sm.nii.gz", target_size=(96, 80))
@@ -163,11 +163,11 @@ def test_neighbouring_slices_are_centred(tmp_path):
 
 def test_generate_predictions_shapes_and_dtypes():
     torch.manual_seed(0)
-    ct = np.random.default_rng(0).random((5, 36, 28), dtype=np.float32)
+    ct = np.random.default_rng(0).random((36, 28, 5), dtype=np.float32)  # (H, W, Z)
     for in_channels in (1, 3):
         model = UNet(in_channels=in_channels, features=(4, 8)).train()
         out = generate_predictions(model, ct, "cpu", batch_size=2)
-        assert out.shape == (5, 36, 28) and out.dtype == np.uint8 and out.max() < NUM_CLASSES
+        assert out.shape == (36, 28, 5) and out.dtype == np.uint8 and out.max() < NUM_CLASSES
         assert model.training  # the caller's mode is restored
     bright = generate_predictions(BrightIsLiver(), ct, torch.device("cpu"))
     assert np.array_equal(bright == LIVER, ct > 0.6)

@@ -16,21 +16,10 @@ from training.config import TrainConfig
 import training.train as train_module
 from training.train import epoch_batches, fit
 from utils.loss_and_metrics import WeightedCELoss
-from utils.phantom import write_phantom_dataset
-from utils.preprocess_data import PreprocessParams, preprocess_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = TrainConfig(features=(4, 8), epochs=2, batch_size=4, steps_per_epoch=3, num_workers=0,
                    amp="off", channels_last=False, deterministic=True, val_max_slices=8, lr=1e-2)
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tiny")
-    write_phantom_dataset(root / "raw", 3, "full", seed=5, size=64, num_slices=12, progress=False)
-    preprocess_dataset("full", root / "raw" / "Image", root / "raw" / "Mask", root / "pre",
-                       PreprocessParams(target_size=(32, 32)), progress=False)
-    return root / "pre"
 
 
 def read_log(run: Path) -> list[dict]:

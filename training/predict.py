@@ -63,18 +63,21 @@ def load_and_preprocess_ct_data(ct_image_path, mask_path=None, target_size=(256,
             ``LabelSource``; None means the mask already holds our ids.
 
     Returns:
-        ``ct_data`` ``(Z, H, W)`` float32 in [0, 1] (the preprocessed uint8 / 255) and
-        ``mask_data`` ``(Z, H, W)`` uint8 in our ids on the same grid, or None.
+        ``ct_data`` ``(H, W, Z)`` float32 in [0, 1] (the preprocessed uint8 / 255) and
+        ``mask_data`` ``(H, W, Z)`` uint8 in our ids on the same grid, or None. Slices run
+        along the last axis, as in the volumes, so both go straight to
+        ``create_interactive_visualization``.
     """
     params = PreprocessParams(min_clip_value, max_clip_value, tuple(target_size))
     volume = load_ct(ct_image_path)
     ct_data = preprocess_image(volume, params).float().div_(255).numpy()  # (Z, H, W)
+    ct_data = np.moveaxis(ct_data, 0, -1)  # (Z, H, W) -> (H, W, Z)
     if mask_path is None:
         return ct_data, None
     if not isinstance(label_rearrange, LabelSource):
         label_rearrange = get_source(label_rearrange or "full")
     labels = label_rearrange.remap(load_mask(mask_path, volume), mask_path)  # (X, Y, Z) our ids
-    return ct_data, preprocess_labels(labels, volume.spacing, params)
+    return ct_data, np.moveaxis(preprocess_labels(labels, volume.spacing, params), 0, -1)
 
 
 def generate_predictions(model: torch.nn.Module, ct_data, device, batch_size: int = 32,
@@ -84,22 +87,22 @@ def generate_predictions(model: torch.nn.Module, ct_data, device, batch_size: in
     Args:
         model: returns logits ``(B, classes, H, W)`` for ``(B, C, H, W)``; its ``in_channels``
             (default 1) neighbouring slices are stacked, edge slices repeated. Moved to `device`.
-        ct_data: ``(Z, H, W)`` float in [0, 1] (numpy or tensor), as from
+        ct_data: ``(H, W, Z)`` float in [0, 1] (numpy or tensor), as from
             :func:`load_and_preprocess_ct_data`.
         batch_size: slices per model call (at most ``CPU_MAX_BATCH`` on CPU).
         amp_dtype: autocast dtype (``training.train.select_amp``), None for fp32.
 
     Returns:
-        ``(Z, H, W)`` uint8 class ids on the preprocessed grid.
+        ``(H, W, Z)`` uint8 class ids on the preprocessed grid.
     """
     device = torch.device(device)
     image = ct_data if torch.is_tensor(ct_data) else torch.from_numpy(np.asarray(ct_data, dtype=np.float32))
-    image = image.to(device, torch.float32)  # (Z, H, W)
+    image = image.to(device, torch.float32).permute(2, 0, 1)  # (H, W, Z) -> (Z, H, W)
     out = np.empty(tuple(image.shape), dtype=np.uint8)
     with _inference(model, device, channels_last) as model:
         for start, logits in _logits_in_batches(model, image, 1.0, device, amp_dtype, batch_size, channels_last):
             out[start:start + len(logits)] = logits.argmax(1).to(torch.uint8).cpu().numpy()
-    return out
+    return np.moveaxis(out, 0, -1)  # (Z, H, W) -> (H, W, Z)
 
 
 # --------------------------------------------------------------------------- one volume

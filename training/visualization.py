@@ -314,7 +314,7 @@ def figure_to_png(fig: Figure, dpi: int = 100) -> bytes:
 
 
 def create_interactive_visualization(ct_data, mask_data, predicted_masks, num_classes: int = NUM_CLASSES,
-                                     low: float = -400.0, high: float = 400.0, alpha: float = 0.4):
+                                     low: float | None = None, high: float | None = None, alpha: float = 0.4):
     """Notebook viewer: a slider over axial slices and a choice of what to overlay.
 
     Args:
@@ -322,7 +322,9 @@ def create_interactive_visualization(ct_data, mask_data, predicted_masks, num_cl
         mask_data: ``(X, Y, Z)`` ground-truth class ids, or None.
         predicted_masks: ``(X, Y, Z)`` predicted class ids, or None.
         num_classes: labels must lie in ``0..num_classes-1`` (at most ``NUM_CLASSES``).
-        low, high, alpha: as in :func:`overlay`.
+        low, high: display window; None picks 0..1 for preprocessed images (values within
+            [0, 1], as from ``load_and_preprocess_ct_data``) and -400..400 HU otherwise.
+        alpha: as in :func:`overlay`.
 
     Returns:
         An ``ipywidgets.VBox``: ``children[0]`` is an HBox of the slice ``IntSlider`` (0..Z-1) and
@@ -334,6 +336,9 @@ def create_interactive_visualization(ct_data, mask_data, predicted_masks, num_cl
     ct_data = np.asarray(ct_data)
     if ct_data.ndim != 3:
         raise ValueError(f"ct_data must be (X, Y, Z), got shape {ct_data.shape}")
+    if low is None or high is None:
+        normalized = ct_data.size and ct_data.min() >= 0 and ct_data.max() <= 1
+        low, high = (0.0, 1.0) if normalized else (-400.0, 400.0)
     if not 1 <= num_classes <= NUM_CLASSES:
         raise ValueError(f"num_classes={num_classes}: colours exist for 1..{NUM_CLASSES} classes")
     volumes = {"ground truth": mask_data, "prediction": predicted_masks}
