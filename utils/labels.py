@@ -126,13 +126,16 @@ class LabelSource:
         low, high = int(mask.min()), int(mask.max())
         if low < 0 or (high >= len(self.lut) and not self.open_ids):
             raise LabelMapError(self._unknown_message(mask, path))
-        if high >= len(self.lut):  # open source: ids past the table are background
+        lut = self.lut
+        if high >= len(lut):  # open source: ids past the table are background
             lut = np.zeros(high + 1, dtype=np.uint8)
             lut[: len(self.lut)] = self.lut
-            return lut[mask]
-        if not self.open_ids and not self.known[np.unique(mask)].all():
+        # work on the flat memory order: volumes from NIfTI are Fortran-ordered
+        order = "F" if mask.flags.f_contiguous and not mask.flags.c_contiguous else "C"
+        flat = mask.reshape(-1, order=order)
+        if not self.open_ids and not self.known.all() and not self.known[flat].all():
             raise LabelMapError(self._unknown_message(mask, path))
-        return self.lut[mask]
+        return lut[flat].reshape(mask.shape, order=order)
 
     def annotated_mask(self) -> np.ndarray:
         """(NUM_CLASSES,) bool with background and the annotated organs True."""

@@ -304,13 +304,15 @@ def _warn_about_orientation(path, img: nib.Nifti1Image) -> None:
 def _to_canonical(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """File-order ``(I, J, K)`` -> closest-canonical RAS+ ``(X, Y, Z)`` and its affine.
 
-    Same as ``nib.as_closest_canonical``; the result is C-contiguous (torch cannot take
-    negative strides), copied only when the file is not already RAS+.
+    Same as ``nib.as_closest_canonical``; the result is Fortran-ordered, as NIfTI stores it,
+    so each axial slice ``[:, :, z]`` is one contiguous block and no stride is negative (torch
+    cannot take those). It is copied only when the file is not already RAS+; a C-order copy
+    would gather every voxel across slices and cost more than reading the file.
     """
     ornt = nib.orientations.io_orientation(affine)
     canonical = nib.orientations.apply_orientation(array, ornt)
     canonical_affine = affine @ nib.orientations.inv_ornt_aff(ornt, array.shape)
-    return np.ascontiguousarray(canonical), canonical_affine
+    return np.asfortranarray(canonical), canonical_affine
 
 
 def _first_line(err: BaseException) -> str:
