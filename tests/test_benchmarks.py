@@ -19,6 +19,8 @@ HEADLINE_KEYS = {
     "preprocess.py": {"seconds_per_case", "seed_seconds_per_case", "speedup_vs_seed", "bytes_per_slice",
                       "seed_bytes_per_slice", "disk_ratio_vs_seed", "seed_scheme"},
     "loader.py": {"loader_images_per_s", "step_images_per_s", "ratio", "device", "peak_memory_mb_by_batch"},
+    "inference.py": {"seconds_200", "seed_way_seconds_200", "peak_rss_mb_200", "peak_rss_mb_600",
+                     "slices_per_s_model_only", "device"},
     "train_throughput.py": {"train_images_per_s", "plain_fp32_train_images_per_s", "train_fraction_of_matmul_peak",
                             "infer_slices_per_s", "matmul_peak_gflops", "flops_per_image", "device"},
 }
@@ -52,3 +54,16 @@ def test_loader_resident_mode_runs(tmp_path):
     result = run_quick("loader.py", tmp_path, "--resident", "--no-memory")
     assert result["loader"] == "resident"
     assert result["peak_memory_mb_by_batch"] == {}
+
+
+def test_partial_labels_quick_run_writes_its_report_and_chart(tmp_path):
+    env = {**os.environ, "TMPDIR": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "partial_labels.py"), "--quick",
+                           "--out", str(tmp_path / "out")], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(result["mean_dice_unannotated"]) == {"seed_way", "marginal", "full"}
+    assert result["gain_on_unannotated"] == pytest.approx(
+        result["mean_dice_unannotated"]["marginal"] - result["mean_dice_unannotated"]["seed_way"], nan_ok=True)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["partial_labels.json", "partial_labels.png"]
