@@ -53,8 +53,7 @@ from training.train import (build_datasets, build_optimizer, make_loaders, prepa
 from utils.augment import AugmentParams, augment_batch  # noqa: E402
 from utils.dataset import batch_to_device  # noqa: E402
 from utils.loss_and_metrics import build_loss  # noqa: E402
-from utils.phantom import write_phantom_dataset  # noqa: E402
-from utils.preprocess_data import PreprocessParams, preprocess_dataset  # noqa: E402
+from utils.preprocess_data import PreprocessParams, preprocess_phantoms  # noqa: E402
 
 QUICK = {"cases": 2, "phantom_size": 64, "slices": 8, "target": 64, "features": (8, 16),
          "loader_steps": 4, "step_steps": 2, "memory_batches": (2,)}
@@ -69,14 +68,8 @@ def synchronize(device: torch.device) -> None:
 
 def make_data(folder: Path, sizes: dict) -> Path:
     """A preprocessed phantom set; returns its folder."""
-    raw, out = folder / "raw", folder / "preprocessed"
-    write_phantom_dataset(raw, sizes["cases"], "full", seed=0, size=sizes["phantom_size"],
-                          num_slices=sizes["slices"], progress=False)
-    params = PreprocessParams(target_size=(sizes["target"],) * 2)
-    manifest = preprocess_dataset("full", raw / "Image", raw / "Mask", out, params, progress=False)
-    if manifest["failed"]:
-        raise RuntimeError(f"preprocessing failed: {manifest['failed']}")
-    return out
+    return preprocess_phantoms(folder, sizes["cases"], size=sizes["phantom_size"], num_slices=sizes["slices"],
+                               params=PreprocessParams(target_size=(sizes["target"],) * 2))
 
 
 def raw_batches(cfg: TrainConfig, rt, data: Path):

@@ -62,8 +62,7 @@ from training.train import (Runtime, build_datasets, build_optimizer, make_loade
                             select_device, setup_runtime, train_one_epoch, wrap_model)
 from utils.dataset import batch_to_device  # noqa: E402
 from utils.loss_and_metrics import build_loss  # noqa: E402
-from utils.phantom import write_phantom_dataset  # noqa: E402
-from utils.preprocess_data import PreprocessParams, preprocess_dataset  # noqa: E402
+from utils.preprocess_data import PreprocessParams, preprocess_phantoms  # noqa: E402
 
 QUICK = {"cases": 2, "phantom_size": 64, "slices": 8, "size": 64, "features": (8, 16), "matmul": 256,
          "batch_size": 4, "infer_batch": 4, "warmup": 1, "steps": 2, "infer_steps": 2}
@@ -142,14 +141,9 @@ def matmul_peaks(device: torch.device, n: int) -> dict:
 
 
 def make_data(folder: Path, sizes: dict) -> Path:
-    raw, out = folder / "raw", folder / "preprocessed"
-    write_phantom_dataset(raw, sizes["cases"], "full", seed=0, size=sizes["phantom_size"],
-                          num_slices=sizes["slices"], progress=False)
-    params = PreprocessParams(target_size=(sizes["size"],) * 2)
-    manifest = preprocess_dataset("full", raw / "Image", raw / "Mask", out, params, progress=False)
-    if manifest["failed"]:
-        raise RuntimeError(f"preprocessing failed: {manifest['failed']}")
-    return out
+    """A preprocessed phantom set; returns its folder."""
+    return preprocess_phantoms(folder, sizes["cases"], size=sizes["phantom_size"], num_slices=sizes["slices"],
+                               params=PreprocessParams(target_size=(sizes["size"],) * 2))
 
 
 class TimedLoader:

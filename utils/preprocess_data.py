@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from utils.labels import NUM_CLASSES, ORGANS, LabelSource, get_source
+from utils.phantom import write_phantom_dataset
 from utils.volume_io import Volume, case_id_from_path, load_ct, load_mask
 
 MANIFEST_VERSION = 1
@@ -542,3 +543,21 @@ def load_manifest(folder) -> dict:
                 or ".." in Path(relative).parts or len(Path(relative).parts) != 1:
             raise PreprocessError(f"{path}: case folder {relative!r} is not a plain name inside {folder}")
     return manifest
+
+
+def preprocess_phantoms(folder, cases: int, layout: str = "full", seed: int = 0, size: int = 128,
+                        num_slices: int | None = None, params: PreprocessParams = PreprocessParams(),
+                        workers: int = 1) -> Path:
+    """Phantom cases written to ``folder/raw`` and preprocessed into ``folder/preprocessed``.
+
+    Returns the preprocessed folder; raises PreprocessError if any case failed.
+    """
+    raw, out = Path(folder) / "raw", Path(folder) / "preprocessed"
+    write_phantom_dataset(raw, cases, layout, seed=seed, size=size, num_slices=num_slices,
+                          workers=workers, progress=False)
+    manifest = preprocess_dataset(layout, raw / "Image", raw / "Mask", out, params, workers=workers,
+                                  progress=False)
+    if manifest["failed"]:
+        raise PreprocessError(f"{out}: preprocessing failed: {manifest['failed']}")
+    return out
+
