@@ -19,8 +19,6 @@ HEADLINE_KEYS = {
     "preprocess.py": {"seconds_per_case", "seed_seconds_per_case", "speedup_vs_seed", "bytes_per_slice",
                       "seed_bytes_per_slice", "disk_ratio_vs_seed", "seed_scheme"},
     "loader.py": {"loader_images_per_s", "step_images_per_s", "ratio", "device", "peak_memory_mb_by_batch"},
-    "inference.py": {"seconds_200", "seed_way_seconds_200", "peak_rss_mb_200", "peak_rss_mb_600",
-                     "slices_per_s_model_only", "device"},
     "train_throughput.py": {"train_images_per_s", "plain_fp32_train_images_per_s", "train_fraction_of_matmul_peak",
                             "infer_slices_per_s", "matmul_peak_gflops", "flops_per_image", "device"},
 }
@@ -67,3 +65,9 @@ def test_partial_labels_quick_run_writes_its_report_and_chart(tmp_path):
     assert result["gain_on_unannotated"] == pytest.approx(
         result["mean_dice_unannotated"]["marginal"] - result["mean_dice_unannotated"]["seed_way"], nan_ok=True)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["partial_labels.json", "partial_labels.png"]
+
+
+def test_inference_quick_run_reports_each_slice_count(tmp_path):
+    result = run_quick("inference.py", tmp_path)  # --quick: 128 x 128 x (20, 40) instead of 512 x 512 x (200, 600)
+    assert {"seconds_20", "seconds_40", "peak_rss_mb_20", "peak_rss_mb_40", "seed_way_seconds_20",
+            "slices_per_s_model_only", "device"} <= set(result), sorted(result)
