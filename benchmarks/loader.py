@@ -51,7 +51,7 @@ from training.config import TrainConfig  # noqa: E402
 from training.train import (build_datasets, build_optimizer, make_loaders, prepare_model,  # noqa: E402
                             setup_runtime, train_one_epoch, wrap_model)
 from utils.augment import AugmentParams, augment_batch  # noqa: E402
-from utils.dataset import batch_to_device  # noqa: E402
+from utils.dataset import batch_to_device, load_and_pair_files  # noqa: E402
 from utils.loss_and_metrics import build_loss  # noqa: E402
 from utils.preprocess_data import PreprocessParams, preprocess_phantoms  # noqa: E402
 
@@ -78,7 +78,7 @@ def raw_batches(cfg: TrainConfig, rt, data: Path):
     ``make_loaders`` gives ``steps_per_epoch`` batches per epoch: a DataLoader, or with
     ``cfg.resident`` batches gathered from the set held on the device.
     """
-    train_set, val_set = build_datasets(cfg, [data])
+    train_set, val_set = build_datasets(cfg, load_and_pair_files(data))
     for epoch in itertools.count():
         loader, _ = make_loaders(cfg, train_set, val_set, rt, epoch)
         yield from loader

@@ -60,7 +60,7 @@ from training.checkpoint import build_model  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 from training.train import (Runtime, build_datasets, build_optimizer, make_loaders, prepare_model,  # noqa: E402
                             select_device, setup_runtime, train_one_epoch, wrap_model)
-from utils.dataset import batch_to_device  # noqa: E402
+from utils.dataset import batch_to_device, load_and_pair_files  # noqa: E402
 from utils.loss_and_metrics import build_loss  # noqa: E402
 from utils.preprocess_data import PreprocessParams, preprocess_phantoms  # noqa: E402
 
@@ -174,7 +174,7 @@ def measure_training(cfg: TrainConfig, rt: Runtime, data: Path, warmup: int, ste
                          exclusion_weight=cfg.exclusion_weight)
     optimizer = build_optimizer(cfg, model)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
-    train_set, val_set = build_datasets(cfg, [data])
+    train_set, val_set = build_datasets(cfg, load_and_pair_files(data))
     loader, _ = make_loaders(cfg, train_set, val_set, rt, epoch=0)
     timed = TimedLoader(loader, warmup, rt.device)
     train_one_epoch(model, timed, loss_fn, optimizer, scaler, cfg, rt, epoch=0, progress=False)
@@ -184,7 +184,7 @@ def measure_training(cfg: TrainConfig, rt: Runtime, data: Path, warmup: int, ste
 
 def inference_batch(cfg: TrainConfig, data: Path, batch_size: int, rt: Runtime) -> torch.Tensor:
     """``(batch_size, C, H, W)`` float images of real preprocessed slices, on the device."""
-    dataset, _ = build_datasets(cfg, [data])
+    dataset, _ = build_datasets(cfg, load_and_pair_files(data))
     items = [dataset[i % len(dataset)] for i in range(batch_size)]
     batch = torch.utils.data.default_collate(items)
     return batch_to_device(batch, rt.device, channels_last=cfg.channels_last)["image"]

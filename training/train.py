@@ -252,9 +252,9 @@ def evaluate(model, loader, loss_fn, cfg: TrainConfig, rt: Runtime) -> dict:
     return row
 
 
-def build_datasets(cfg: TrainConfig, data_dirs) -> tuple[SliceDataset, SliceDataset]:
-    """Training and validation slices, split by case (never by slice)."""
-    train_cases, val_cases = split_cases(load_and_pair_files(data_dirs), cfg.val_fraction, cfg.seed)
+def build_datasets(cfg: TrainConfig, cases: list[dict]) -> tuple[SliceDataset, SliceDataset]:
+    """Training and validation slices of `load_and_pair_files` cases, split by case (never by slice)."""
+    train_cases, val_cases = split_cases(cases, cfg.val_fraction, cfg.seed)
     return (SliceDataset(train_cases, in_channels=cfg.in_channels),
             SliceDataset(val_cases, in_channels=cfg.in_channels))
 
@@ -291,9 +291,8 @@ class ResidentLoader:
         return (resident_batch(self.dataset, self.device, items) for items in self.batches)
 
 
-def data_summary(data_dirs) -> tuple[PreprocessParams, dict]:
-    """The preprocessing shared by all folders, and which sources annotate each organ."""
-    cases = load_and_pair_files(data_dirs)
+def data_summary(cases: list[dict], data_dirs) -> tuple[PreprocessParams, dict]:
+    """The preprocessing shared by all cases, and which sources annotate each organ."""
     params = {json.dumps(case["params"], sort_keys=True) for case in cases}
     if len(params) != 1:
         raise ValueError(f"data folders {list(map(str, data_dirs))} were preprocessed with different "
@@ -427,7 +426,8 @@ def fit_in_runtime(cfg: TrainConfig, data_dirs, out_dir, rt: Runtime, resume: bo
     """`fit` on a runtime already set up: this process's part of the run."""
     out_dir = Path(out_dir)
     data_dirs = [Path(d) for d in ([data_dirs] if isinstance(data_dirs, (str, Path)) else data_dirs)]
-    params, trained_by = data_summary(data_dirs)
+    cases = load_and_pair_files(data_dirs)  # read the manifests once
+    params, trained_by = data_summary(cases, data_dirs)
     state, wandb_run = None, None
     with main_process_first(rt):
         if rt.is_main:
@@ -451,7 +451,7 @@ def fit_in_runtime(cfg: TrainConfig, data_dirs, out_dir, rt: Runtime, resume: bo
         epoch, step_in_epoch = state["epoch"], state["step_in_epoch"]
         best, history = state["best_metric"], state["history"]
         torch.set_rng_state(state["rng"]["torch"])
-    train_set, val_set = build_datasets(cfg, data_dirs)
+    train_set, val_set = build_datasets(cfg, cases)
     wrapped = wrap_model(model, cfg, rt)
 
     def save(name: str, epoch_done: int, step: int) -> None:
