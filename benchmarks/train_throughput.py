@@ -18,10 +18,12 @@ peak       a large square ``torch.matmul`` (2048 on CPU, 8192 on CUDA) in fp32 a
            (on CUDA fp32 with TF32 off, plus a "tf32" figure), at the start and at the end of the
            run; the higher of the two is the peak (a busy shared machine only ever lowers it).
 (a) plain  eager, contiguous (NCHW), fp32, no augmentation: ``train_one_epoch`` over the real
-           loader (``make_loaders``) with WeightedCELoss and AdamW, PyTorch's default backend flags.
+           loader (``make_loaders``) with WeightedCELoss and AdamW, PyTorch's default backend flags
+           and allocator (it runs first, before ``setup_runtime`` changes them).
 (b) fast   the project's fastest settings: ``setup_runtime`` (bf16 autocast from ``select_amp``,
-           cuDNN benchmark / TF32 on CUDA), channels_last, online augmentation on the device, the
-           real loader and loss, and torch.compile with ``--compile`` (default: on for CUDA only).
+           cuDNN benchmark / TF32 on CUDA, glibc keeping freed memory on CPU), channels_last,
+           online augmentation on the device, the real loader and loss, and torch.compile with
+           ``--compile`` (default: on for CUDA only).
 inference  slices/s under ``torch.inference_mode`` at batch 32: (a) the plain fp32 model in eval
            mode; (b) ``fold_batchnorm`` + channels_last + the autocast dtype (+ compile), as
            ``training.predict`` runs it.
@@ -68,20 +70,13 @@ QUICK = {"cases": 2, "phantom_size": 64, "slices": 8, "size": 64, "features": (8
          "batch_size": 4, "infer_batch": 4, "warmup": 1, "steps": 2, "infer_steps": 2}
 FULL = {"cases": 3, "phantom_size": 256, "slices": 48, "size": 256, "features": (64, 128, 256, 512),
         "infer_batch": 32}
-CPU = {"matmul": 2048, "batch_size": 8, "warmup": 1, "steps": 3, "plain_steps": 2, "infer_steps": 1}
+CPU = {"matmul": 2048, "batch_size": 8, "warmup": 2, "steps": 4, "plain_steps": 2, "infer_steps": 1}
 CUDA = {"matmul": 8192, "batch_size": 64, "warmup": 5, "steps": 50, "infer_steps": 20}
 
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def pytorch_default_flags() -> None:
-    """The backend flags a plain script runs with (setup_runtime changes them on CUDA)."""
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = True
 
 
 def conv_flops_per_image(cfg: TrainConfig, size: int) -> int:
@@ -209,9 +204,9 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--batch-size", type=int, default=None, help="training batch (default 8 CPU, 64 CUDA)")
     parser.add_argument("--infer-batch-size", type=int, default=None, help="default 32")
-    parser.add_argument("--steps", type=int, default=None, help="timed training steps (default 3 CPU, 50 CUDA)")
+    parser.add_argument("--steps", type=int, default=None, help="timed training steps (default 4 CPU, 50 CUDA)")
     parser.add_argument("--plain-steps", type=int, default=None, help="timed steps of (a) (default 2 CPU, 50 CUDA)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1 CPU, 5 CUDA)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2 CPU, 5 CUDA)")
     parser.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default: the config's)")
     compile_group = parser.add_mutually_exclusive_group()
     compile_group.add_argument("--compile", dest="compile", action="store_true", default=None,
@@ -244,6 +239,17 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="abdoseg-bench-train-") as tmp:
         print("writing and preprocessing phantoms ...", file=sys.stderr, flush=True)
         data = make_data(Path(tmp), sizes)
+        plain = {}
+        if not args.skip_plain:  # first, while the process still has PyTorch's default allocator
+            plain_cfg = base.replace(amp="off", channels_last=False, compile=False, augment=False)
+            plain_rt = Runtime(device, None)
+            print(f"(a) plain fp32: {warmup} + {plain_steps} steps of batch {batch_size} ...", file=sys.stderr, flush=True)
+            plain["train"], plain_model = measure_training(plain_cfg, plain_rt, data, warmup, plain_steps)
+            images = inference_batch(plain_cfg, data, sizes["infer_batch"], plain_rt)
+            print("(a) plain fp32 inference ...", file=sys.stderr, flush=True)
+            plain["infer"] = measure_inference(plain_model, images, plain_rt, 1, sizes["infer_steps"])
+            del plain_model, images
+
         fast_cfg = base.replace(compile=compile_fast)
         rt = setup_runtime(fast_cfg)
         print(f"(b) fastest ({rt.amp_dtype}, channels_last, compile={compile_fast}): {warmup} + {steps} steps ...",
@@ -254,18 +260,6 @@ def main(argv=None) -> dict:
         images = inference_batch(fast_cfg, data, sizes["infer_batch"], rt)
         print("(b) fastest inference ...", file=sys.stderr, flush=True)
         fast_infer = measure_inference(infer_model, images, rt, 2 if compile_fast else 1, sizes["infer_steps"])
-
-        plain = {}
-        if not args.skip_plain:
-            pytorch_default_flags()  # undo setup_runtime's CUDA flags (cuDNN benchmark, TF32 matmul)
-            plain_cfg = base.replace(amp="off", channels_last=False, compile=False, augment=False)
-            plain_rt = Runtime(device, None)
-            print(f"(a) plain fp32: {warmup} + {plain_steps} steps of batch {batch_size} ...", file=sys.stderr, flush=True)
-            plain["train"], plain_model = measure_training(plain_cfg, plain_rt, data, warmup, plain_steps)
-            images = inference_batch(plain_cfg, data, sizes["infer_batch"], plain_rt)
-            print("(a) plain fp32 inference ...", file=sys.stderr, flush=True)
-            plain["infer"] = measure_inference(plain_model, images, plain_rt, 1, sizes["infer_steps"])
-            del plain_model, images
 
     print("matmul peak again ...", file=sys.stderr, flush=True)
     peaks.append(matmul_peaks(device, sizes["matmul"]))
@@ -293,7 +287,8 @@ def main(argv=None) -> dict:
         "device": str(device),
         "speedup_vs_plain_fp32": round(fast_train / plain["train"], 2) if plain else None,
         "fast_settings": {"amp_dtype": str(rt.amp_dtype), "channels_last": fast_cfg.channels_last,
-                          "compile": compile_fast, "augment": fast_cfg.augment, "fold_batchnorm_inference": True},
+                          "compile": compile_fast, "augment": fast_cfg.augment,
+                          "cpu_keeps_freed_memory": device.type == "cpu", "fold_batchnorm_inference": True},
         "batch_size": batch_size, "infer_batch_size": sizes["infer_batch"], "image_size": sizes["size"],
         "features": list(base.features), "num_workers": base.num_workers, "warmup_steps": warmup,
         "timed_steps": {"fast": steps, "plain": plain_steps if plain else 0},

@@ -2,6 +2,7 @@
 
 import csv
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import torch
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.config import TrainConfig
 import training.train as train_module
-from training.train import epoch_batches, fit
+from training.train import epoch_batches, fit, keep_freed_cpu_memory
 from utils.loss_and_metrics import WeightedCELoss
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,3 +135,8 @@ def test_ctrl_c_mid_epoch_saves_and_resumes_to_the_same_weights(tiny_data, tmp_p
     fit(cfg, tiny_data, tmp_path / "stopped", resume=True, progress=False)
     whole, resumed = final_weights(tmp_path / "whole"), final_weights(tmp_path / "stopped")
     assert all(torch.equal(whole[key], resumed[key]) for key in whole)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the allocator setting is glibc's mallopt")
+def test_cpu_allocator_keeps_freed_memory_on_glibc():
+    assert keep_freed_cpu_memory() is True  # mallopt accepted both settings

@@ -1,4 +1,4 @@
-"""U-Net: shapes on odd sizes, gradients, checkpointing, BatchNorm folding, determinism."""
+"""U-Net: shapes on odd sizes, gradients, checkpointing, BatchNorm folding, determinism, the matmul upsampling."""
 
 import io
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from network.unet import UNet, fold_batchnorm
+from network.unet import UNet, UpConv2x2, fold_batchnorm
 
 
 def _model(seed: int = 0, **kwargs) -> UNet:
@@ -42,6 +42,27 @@ def test_bad_inputs_raise():
         model(torch.randn(1, 16, 16))
     with pytest.raises(ValueError, match="features"):
         UNet(features=())
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_matmul_upsampling_equals_the_transposed_conv(channels_last):
+    torch.manual_seed(0)
+    up = UpConv2x2(6, 5).double()
+    reference = torch.nn.ConvTranspose2d(6, 5, kernel_size=2, stride=2).double()
+    reference.load_state_dict(up.state_dict())  # same parameters: old checkpoints load
+    x = torch.randn(3, 6, 7, 5, dtype=torch.float64)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    y, y_reference = up(x), reference(x)
+    assert y.shape == (3, 5, 14, 10)
+    torch.testing.assert_close(y, y_reference, rtol=0, atol=1e-12)
+    with torch.no_grad():  # inference takes the transposed-conv kernel
+        torch.testing.assert_close(up(x), y_reference, rtol=0, atol=1e-12)
+    grads = torch.autograd.grad(y.square().sum(), [x, up.weight, up.bias])
+    grads_reference = torch.autograd.grad(y_reference.square().sum(), [x, reference.weight, reference.bias])
+    for grad, grad_reference in zip(grads, grads_reference):
+        torch.testing.assert_close(grad, grad_reference, rtol=0, atol=1e-12)
 
 
 def test_gradients_are_finite_and_reach_every_parameter():

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from network.unet import fold_batchnorm
 from training.checkpoint import load_checkpoint, model_from_checkpoint
-from training.train import select_amp, select_device
+from training.train import keep_freed_cpu_memory, select_amp, select_device
 from utils.labels import COLORS, DISPLAY_NAMES, NUM_CLASSES, ORGANS, LabelSource, get_source
 from utils.preprocess_data import PreprocessParams, preprocess_image, preprocess_labels, restore_in_plane
 from utils.volume_io import Volume, case_id_from_path, load_ct, load_mask, save_labels, save_volume, to_original
@@ -275,6 +275,8 @@ def predict_files(checkpoint, inputs, out_dir, device="auto", batch_size: int = 
         pending_read = reader.submit(_read_ct, files[0])  # read while the model loads
         pending_write = None
         device = select_device(device)
+        if device.type == "cpu":
+            keep_freed_cpu_memory()  # about 20% faster CPU inference: no page faults per batch
         model, cfg, params = model_from_checkpoint(load_checkpoint(checkpoint))
         if fold_bn:
             model = fold_batchnorm(model)

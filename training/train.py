@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import ctypes
 import json
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,8 +100,30 @@ def cpu_has_bf16() -> bool:
         return False
 
 
+def keep_freed_cpu_memory() -> bool:
+    """Make glibc keep freed memory in the process instead of handing it back to the OS.
+
+    A training step frees and reallocates the same large activation buffers every step. By
+    default glibc serves every buffer over 32 MB with its own mmap and unmaps it on free, so
+    each step page-faults and zero-fills gigabytes again: on the 2-core CPU this project is
+    tested on, the seed model's bf16 step at batch 8 took 3.6 s with 5.8 s of kernel time per
+    5 steps, and 3.1 s with 1.5 s once freed memory is reused (the effect PyTorch's CPU tuning
+    guide gets from jemalloc or tcmalloc). The process then holds its peak memory until it
+    exits. Linux with glibc only; returns False (and changes nothing) elsewhere.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl, ...)
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    # no mmap for large blocks (they come from the heap and are reused), never trim the heap
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, -1))
+
+
 def setup_runtime(cfg: TrainConfig) -> Runtime:
-    """Device, precision and (under torchrun) the process group."""
+    """Device, precision, allocator (CPU) and (under torchrun) the process group."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     device = select_device(cfg.device)
@@ -111,6 +135,8 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
         owns_process_group = not dist.is_initialized()
         if owns_process_group:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cpu":
+        keep_freed_cpu_memory()
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
