@@ -15,7 +15,8 @@ from network.unet import UNet
 from training.checkpoint import FORMAT, label_scheme, save_checkpoint
 from training.config import TrainConfig
 from training.predict import (generate_predictions, keep_largest_component, load_and_preprocess_ct_data,
-                              predict_files, predict_volume, write_label_descriptions)
+                              predict_files, predict_volume, predict_volume_with_probabilities,
+                              write_label_descriptions)
 from utils.labels import NUM_CLASSES, ORGAN_IDS, ORGANS
 from utils.preprocess_data import PreprocessParams
 from utils.volume_io import Volume, save_volume
@@ -247,8 +248,8 @@ def test_memory_is_one_chunk_not_the_whole_volume(monkeypatch):
     monkeypatch.setattr(predict, "RESTORE_CHUNK_BYTES", 12 * 128 * 128 * 4 * 3)  # 3 slices per chunk
     tracemalloc.start()
     try:
-        labels, probabilities = predict_volume(BrightIsLiver(), volume, PreprocessParams(target_size=(128, 128)),
-                                               batch_size=16, return_probabilities=True)
+        labels, probabilities = predict_volume_with_probabilities(
+            BrightIsLiver(), volume, PreprocessParams(target_size=(128, 128)), batch_size=16)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

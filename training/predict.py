@@ -12,6 +12,7 @@ mapped back and reduced to labels chunk by chunk, never held for the whole volum
         OUT/labels.txt                          ITK-SNAP label description file
         OUT/abdoseg_labels.ctbl                 3D Slicer colour table
     predict_volume(model, volume, params)       one loaded Volume -> (X, Y, Z) labels
+    predict_volume_with_probabilities(...)      -> (labels, (12, X, Y, Z) uint8 probabilities)
     generate_predictions(model, ct_data, device)   the original project's slice-grid predictions
 """
 
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 
 from network.unet import fold_batchnorm
 from training.checkpoint import load_checkpoint, model_from_checkpoint
-from training.train import keep_freed_cpu_memory, select_amp, select_device
+from training.train import select_amp, select_device
 from utils.labels import COLORS, DISPLAY_NAMES, NUM_CLASSES, ORGANS, LabelSource, get_source
 from utils.preprocess_data import PreprocessParams, preprocess_image, preprocess_labels, restore_in_plane
 from utils.volume_io import Volume, case_id_from_path, load_ct, load_mask, save_labels, save_volume, to_original
@@ -109,8 +110,7 @@ def generate_predictions(model: torch.nn.Module, ct_data, device, batch_size: in
 
 def predict_volume(model: torch.nn.Module, volume: Volume, params: PreprocessParams, in_channels: int = 1,
                    device="cpu", amp_dtype: torch.dtype | None = None, batch_size: int = 32,
-                   channels_last: bool = True, return_probabilities: bool = False,
-                   largest_component: bool = False):
+                   channels_last: bool = True, largest_component: bool = False) -> np.ndarray:
     """Segment one CT volume on its own grid.
 
     Slices are preprocessed on `device` exactly as for training, predicted in batches under
@@ -124,14 +124,34 @@ def predict_volume(model: torch.nn.Module, volume: Volume, params: PreprocessPar
         params: the preprocessing the model was trained with (from its checkpoint).
         in_channels: neighbouring slices per input (2.5D), centred, edges repeated.
         batch_size: slices per model call (at most ``CPU_MAX_BATCH`` on CPU, where that is faster).
-        return_probabilities: also return the softmax on the volume grid.
         largest_component: apply :func:`keep_largest_component` to the labels.
 
     Returns:
-        ``labels`` ``(X, Y, Z)`` uint8 class ids, canonical like ``volume.data`` (a Fortran-ordered
-        array); with `return_probabilities`, ``(labels, probabilities)`` where probabilities
-        are ``(12, X, Y, Z)`` uint8, ``round(255 * softmax)``.
+        ``(X, Y, Z)`` uint8 class ids, canonical like ``volume.data`` (a Fortran-ordered array).
     """
+    labels, _ = _segment(model, volume, params, in_channels, device, amp_dtype, batch_size, channels_last,
+                         probabilities=False)
+    return keep_largest_component(labels) if largest_component else labels
+
+
+def predict_volume_with_probabilities(model: torch.nn.Module, volume: Volume, params: PreprocessParams,
+                                      in_channels: int = 1, device="cpu", amp_dtype: torch.dtype | None = None,
+                                      batch_size: int = 32, channels_last: bool = True,
+                                      largest_component: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`predict_volume`, and the class probabilities on the same grid (same arguments).
+
+    Returns:
+        ``(labels, probabilities)``: labels as from :func:`predict_volume`; probabilities
+        ``(12, X, Y, Z)`` uint8, ``round(255 * softmax)``, before `largest_component`.
+    """
+    labels, probabilities = _segment(model, volume, params, in_channels, device, amp_dtype, batch_size,
+                                     channels_last, probabilities=True)
+    return (keep_largest_component(labels) if largest_component else labels), probabilities
+
+
+def _segment(model, volume: Volume, params: PreprocessParams, in_channels: int, device, amp_dtype,
+             batch_size: int, channels_last: bool, probabilities: bool):
+    """``(labels (X, Y, Z), probabilities (12, X, Y, Z) or None)``; see :func:`predict_volume`."""
     device = torch.device(device)
     size_x, size_y, num_slices = volume.data.shape
     image = preprocess_image(volume, params, device=device)  # (Z, H, W) uint8
@@ -139,7 +159,7 @@ def predict_volume(model: torch.nn.Module, volume: Volume, params: PreprocessPar
     # voxels, so each chunk is one contiguous block and writing the file needs no reshuffle.
     labels_zyx = np.empty((num_slices, size_y, size_x), dtype=np.uint8)
     probabilities_czyx = (np.empty((NUM_CLASSES, num_slices, size_y, size_x), dtype=np.uint8)
-                          if return_probabilities else None)
+                          if probabilities else None)
     restore_slices = max(1, RESTORE_CHUNK_BYTES // (NUM_CLASSES * size_x * size_y * 4))
     with _inference(model, device, channels_last) as model:
         batches = _logits_in_batches(model, image, 255.0, device, amp_dtype, batch_size, channels_last,
@@ -159,10 +179,8 @@ def predict_volume(model: torch.nn.Module, volume: Volume, params: PreprocessPar
                     # (n, 12, X, Y) -> (12, n, Y, X)
                     probabilities_czyx[:, first:stop] = scaled.permute(1, 0, 3, 2).contiguous().cpu().numpy()
     labels = labels_zyx.transpose(2, 1, 0)  # (X, Y, Z)
-    if largest_component:
-        labels = keep_largest_component(labels)
-    if not return_probabilities:
-        return labels
+    if probabilities_czyx is None:
+        return labels, None
     return labels, probabilities_czyx.transpose(0, 3, 2, 1)  # (12, X, Y, Z)
 
 
@@ -275,8 +293,6 @@ def predict_files(checkpoint, inputs, out_dir, device="auto", batch_size: int = 
         pending_read = reader.submit(_read_ct, files[0])  # read while the model loads
         pending_write = None
         device = select_device(device)
-        if device.type == "cpu":
-            keep_freed_cpu_memory()  # about 20% faster CPU inference: no page faults per batch
         model, cfg, params = model_from_checkpoint(load_checkpoint(checkpoint))
         if fold_bn:
             model = fold_batchnorm(model)
@@ -295,10 +311,13 @@ def predict_files(checkpoint, inputs, out_dir, device="auto", batch_size: int = 
                 summary["failed"].append({"file": str(path), "error": error})
                 continue
             seen[case_id] = path
-            prediction = predict_volume(model, volume, params, cfg.in_channels, device, amp_dtype, batch_size,
-                                        cfg.channels_last, save_probabilities, largest_component)
+            settings = (params, cfg.in_channels, device, amp_dtype, batch_size, cfg.channels_last, largest_component)
+            if save_probabilities:
+                labels, probabilities = predict_volume_with_probabilities(model, volume, *settings)
+            else:
+                labels, probabilities = predict_volume(model, volume, *settings), None
             _collect_write(pending_write, summary)  # at most one volume waits to be written
-            pending_write = writer.submit(_write_case, prediction, volume, out_dir / case_id, save_probabilities)
+            pending_write = writer.submit(_write_case, labels, probabilities, volume, out_dir / case_id)
         _collect_write(pending_write, summary)
     summary["seconds"] = time.perf_counter() - started
     return summary
@@ -330,9 +349,8 @@ def _result(future):
         return None, str(err).splitlines()[0]
 
 
-def _write_case(prediction, volume: Volume, stem: Path, save_probabilities: bool) -> dict:
+def _write_case(labels: np.ndarray, probabilities: np.ndarray | None, volume: Volume, stem: Path) -> dict:
     """Write one case's outputs; returns ``{"file", "probabilities"?}`` or ``{"file", "error"}``."""
-    labels, probabilities = prediction if save_probabilities else (prediction, None)
     label_path = stem.with_name(stem.name + ".nii.gz")
     try:
         save_labels(labels, volume, label_path)
