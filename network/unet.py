@@ -49,17 +49,19 @@ class UpConv2x2(nn.ConvTranspose2d):
 
     With kernel = stride = 2 every input pixel makes its own 2x2 block of output pixels, so the
     layer is one ``(B h w, C_in) @ (C_in, 2*2*C_out)`` matmul and a reshuffle. Same function and
-    parameters as the transposed conv (checkpoints load either way). Used when gradients are
-    needed, because oneDNN's transposed-conv backward ran at a fifth of the matmul rate on CPU
-    (about 5% of a training step of the seed model); without gradients the transposed-conv
-    kernel runs, as its forward is the faster one (about 5% of CPU inference).
+    parameters as the transposed conv (checkpoints load either way). Used on CPU when gradients
+    are needed, because oneDNN's transposed-conv backward ran at a fifth of the matmul rate
+    (about 5% of a training step of the seed model). Without gradients the transposed-conv
+    kernel runs, as its forward is the faster one (about 5% of CPU inference); on GPUs it always
+    runs, as the matmul form was only measured on CPU.
     """
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__(in_channels, out_channels, kernel_size=2, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        if x.device.type != "cpu" or not needs_grad:
             return super().forward(x)
         b, _, h, w = x.shape
         c = self.out_channels
