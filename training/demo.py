@@ -19,7 +19,7 @@ from training.predict import predict_files
 from training.train import fit
 from training.visualization import slice_grid
 from utils.labels import ORGANS
-from utils.phantom import write_phantom_dataset
+from utils.phantom import PHANTOM_SEEDS, write_phantom_dataset
 from utils.preprocess_data import PreprocessParams, preprocess_dataset
 from utils.volume_io import case_id_from_path, load_ct, load_mask
 
@@ -71,9 +71,9 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, overrides: 
     params = PreprocessParams(target_size=(demo["target_size"],) * 2)
     shape = {"size": demo["phantom_size"], "num_slices": demo["phantom_slices"], "workers": demo["workers"]}
     with timed(seconds, "phantom"):
-        write_phantom_dataset(raw / "pku", demo["cases_per_source"], "pku", seed=1, **shape)
-        write_phantom_dataset(raw / "abdomenct1k", demo["cases_per_source"], "abdomenct1k", seed=2, **shape)
-        write_phantom_dataset(raw / "heldout", demo["heldout_cases"], "full", seed=3, **shape)
+        for source in ("pku", "abdomenct1k"):
+            write_phantom_dataset(raw / source, demo["cases_per_source"], source, PHANTOM_SEEDS[source], **shape)
+        write_phantom_dataset(raw / "heldout", demo["heldout_cases"], "full", PHANTOM_SEEDS["full"], **shape)
     with timed(seconds, "preprocess"):
         for source in ("pku", "abdomenct1k"):
             preprocess_dataset(source, raw / source / "Image", raw / source / "Mask", pre / source,

@@ -33,6 +33,9 @@ from utils.labels import ABDOMENCT1K_IDS, COLORS, DISPLAY_NAMES, ORGAN_IDS, PKU_
 from utils.volume_io import save_volume
 
 LAYOUTS = ("full", "abdomenct1k", "pku")  # label conventions the phantom can write
+# one seed per label layout, so bodies and case ids differ between folders; `make demo` and the
+# notebooks use these: the partial layouts to train, "full" held out
+PHANTOM_SEEDS = {"pku": 1, "abdomenct1k": 2, "full": 3}
 REFERENCE_LENGTH_MM = 400.0  # anatomy below is written for a 400 mm span, then scaled per case
 
 # Tissue zones of the body wall; organs are drawn only in the cavity.
