@@ -106,8 +106,8 @@ def keep_freed_cpu_memory() -> bool:
     A training step frees and reallocates the same large activation buffers every step. By
     default glibc serves every buffer over 32 MB with its own mmap and unmaps it on free, so
     each step page-faults and zero-fills gigabytes again: on the 2-core CPU this project is
-    tested on, the seed model's bf16 step at batch 8 took 3.6 s with 5.8 s of kernel time per
-    5 steps, and 3.1 s with 1.5 s once freed memory is reused (the effect PyTorch's CPU tuning
+    tested on, the seed model's bf16 step at batch 8 took 3.6 s, with 5.8 s of kernel time in a
+    5-step run, and 3.1 s with 1.5 s once freed memory is reused (the effect PyTorch's CPU tuning
     guide gets from jemalloc or tcmalloc). The cost is memory: the process holds its peak until
     it exits, and the heap fragments, so peak RSS of the seed model's training rose by 27% at
     batch 8 and 38% at batch 16. Process-wide, and not undone. Linux with glibc only; returns
