@@ -63,7 +63,7 @@ from training.config import TrainConfig  # noqa: E402
 from training.train import (Runtime, build_datasets, build_optimizer, make_loaders, prepare_model,  # noqa: E402
                             select_device, setup_runtime, train_one_epoch, wrap_model)
 from utils.dataset import batch_to_device, load_and_pair_files  # noqa: E402
-from utils.loss_and_metrics import build_loss  # noqa: E402
+from utils.losses import build_loss  # noqa: E402
 from utils.preprocess_data import PreprocessParams, preprocess_phantoms  # noqa: E402
 
 QUICK = {"cases": 2, "phantom_size": 64, "slices": 8, "size": 64, "features": (8, 16), "matmul": 256,

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from utils.loss_and_metrics import (
-    DEFAULT_CLASS_WEIGHTS,
+from utils.labels import DEFAULT_CLASS_WEIGHTS
+from utils.losses import (
     DiceCELoss,
     SoftDiceLoss,
     WeightedCELoss,

@@ -8,7 +8,7 @@ import torch
 from scipy import ndimage
 from scipy.spatial.distance import cdist
 
-from utils.loss_and_metrics import (
+from utils.metrics import (
     SliceMetrics,
     dice_iou_3d,
     false_positive_volume_ml,

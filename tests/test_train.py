@@ -16,7 +16,7 @@ from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.config import TrainConfig
 import training.train as train_module
 from training.train import epoch_batches, fit, keep_freed_cpu_memory
-from utils.loss_and_metrics import WeightedCELoss
+from utils.losses import WeightedCELoss
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = TrainConfig(features=(4, 8), epochs=2, batch_size=4, steps_per_epoch=3, num_workers=0,

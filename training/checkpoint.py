@@ -23,6 +23,7 @@ import torch
 
 from network.unet import UNet
 from training.config import TrainConfig
+from utils.errors import UserError
 from utils.labels import COLORS, ORGANS
 from utils.preprocess_data import PreprocessParams
 
@@ -31,7 +32,7 @@ ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default container
 PICKLE_PROTOCOL = b"\x80"  # torch.save(..., _use_new_zipfile_serialization=False)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used; the message names the file and the problem."""
 
 

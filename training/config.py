@@ -14,11 +14,11 @@ import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from utils.labels import NUM_CLASSES
-from utils.loss_and_metrics import DEFAULT_CLASS_WEIGHTS
+from utils.errors import UserError
+from utils.labels import DEFAULT_CLASS_WEIGHTS, NUM_CLASSES
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration value or file that cannot be used; the message names the key."""
 
 

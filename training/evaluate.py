@@ -9,7 +9,7 @@ remaps the ground truth from its source's ids to ours (``utils.labels``), and wr
 - ``summary.json``: per-organ means over cases and the overall ``mean_dice``;
 - ``dice_per_organ.png``: the per-organ mean Dice as a bar chart.
 
-Conventions (the metric functions are in ``utils/loss_and_metrics.py``):
+Conventions (the metric functions are in ``utils/metrics.py``):
 
 - Arrays are canonical ``(X, Y, Z)``; distances use the voxel spacing along those axes. The
   prediction and ground truth must be on the same grid (``load_mask`` checks it to 1e-3 mm), so
@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from training.visualization import dice_bar_chart, save_figure
 from utils.labels import NUM_CLASSES, ORGANS, get_source
-from utils.loss_and_metrics import dice_iou_3d, false_positive_volume_ml, hd95_mm, surface_dice
+from utils.metrics import dice_iou_3d, false_positive_volume_ml, hd95_mm, surface_dice
 from utils.volume_io import case_id_from_path, load_ct, load_mask
 
 ORGAN_RANGE = range(1, NUM_CLASSES)

@@ -33,9 +33,18 @@ from tqdm.auto import tqdm
 from network.unet import fold_batchnorm
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.train import select_amp, select_device
+from utils.errors import UserError
 from utils.labels import COLORS, DISPLAY_NAMES, NUM_CLASSES, ORGANS, LabelSource, get_source
 from utils.preprocess_data import PreprocessParams, preprocess_image, preprocess_labels, restore_in_plane
-from utils.volume_io import Volume, case_id_from_path, load_ct, load_mask, save_labels, save_volume, to_original
+from utils.volume_io import (
+    Volume,
+    case_id_from_path,
+    load_ct,
+    load_mask,
+    save_labels,
+    save_volume,
+    to_original,
+)
 
 # On a 2-core CPU 4-slice batches ran as fast as or faster than 16 or 32 (activations stay in cache).
 CPU_MAX_BATCH = 4
@@ -47,7 +56,7 @@ ITKSNAP_FILE = "labels.txt"
 SLICER_FILE = "abdoseg_labels.ctbl"
 
 
-class PredictError(ValueError):
+class PredictError(UserError):
     """Inputs or outputs that cannot be used as asked; the message names the path."""
 
 

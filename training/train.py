@@ -38,17 +38,26 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from training.checkpoint import FORMAT, CheckpointError, build_model, label_scheme, load_checkpoint, save_checkpoint
+from training.checkpoint import (
+    FORMAT,
+    CheckpointError,
+    build_model,
+    label_scheme,
+    load_checkpoint,
+    save_checkpoint,
+)
 from training.config import TrainConfig
 from training.sync_batchnorm import convert_sync_batchnorm
 from utils.augment import AugmentParams, augment_batch
 from utils.dataset import SliceDataset, batch_to_device, load_and_pair_files, resident_batch, split_cases
+from utils.errors import UserError
 from utils.labels import ORGANS
-from utils.loss_and_metrics import SliceMetrics, build_loss
+from utils.losses import build_loss
+from utils.metrics import SliceMetrics
 from utils.preprocess_data import PreprocessParams
 
 
-class RunFolderError(ValueError):
+class RunFolderError(UserError):
     """The output folder cannot be used as asked (holds another run, or cannot be written)."""
 
 

@@ -4,7 +4,7 @@ abdoseg segments 12 classes (0 background + 11 organs). Every source of training
 own subset of organs with its own ids; a :class:`LabelSource` maps those ids into ours with one
 lookup-table operation and declares which of our organs the source *annotates*. That set matters:
 an organ a source does not annotate is written as 0 in its masks although it may be there, which
-is what the partial-label losses (``utils/loss_and_metrics.py``) account for.
+is what the partial-label losses (``utils/losses.py``) account for.
 
 Sources:
     ``full``         our own ids (what the phantom writes for fully labelled cases).
@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from utils.errors import UserError
+
 ORGANS = (
     "background", "bladder", "colon", "femur_head", "kidney", "liver",
     "rectum", "small_intestine", "spinal_cord", "stomach", "spleen", "pancreas",
@@ -53,6 +55,11 @@ COLORS = (
     (70, 90, 230),      # spleen: blue
     (190, 230, 70),     # pancreas: lime
 )
+
+# Default class weights of the weighted cross-entropy (the seed's hand-tuned values). Background is
+# cheap to get right; bladder and colon are under-segmented without a push; small intestine is
+# over-predicted into neighbouring bowel.
+DEFAULT_CLASS_WEIGHTS = (0.3, 2.0, 2.0, 1.0, 1.0, 1.0, 1.0, 0.6, 1.0, 1.0, 1.0, 1.0)
 
 # Names a label file may use for our organs (lower case). Side-specific names merge into one class.
 SYNONYMS = {
@@ -92,7 +99,7 @@ PKU_EXAMPLE_IDS = {
 SOURCES = ("full", "abdomenct1k", "pku", "totalseg", "nnunet")
 
 
-class LabelMapError(ValueError):
+class LabelMapError(UserError):
     """A label map that cannot be used; the message names the file and the problem."""
 
 

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from utils.errors import UserError
 from utils.labels import NUM_CLASSES, ORGANS, LabelSource, get_source
 from utils.phantom import write_phantom_dataset
 from utils.volume_io import Volume, case_id_from_path, load_ct, load_mask
@@ -52,7 +53,7 @@ MANIFEST_VERSION = 1
 MAX_DISTANCE = 255  # uint8 cap: "far from any boundary"
 
 
-class PreprocessError(ValueError):
+class PreprocessError(UserError):
     """Unusable input or output folder; the message names the folder or file."""
 
 

@@ -41,6 +41,8 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
+from utils.errors import UserError
+
 AIR_HU = -500.0  # voxels below this count as air (air is ~ -1000 HU, fat ~ -100 HU)
 MIN_AIR_FRACTION = 0.001  # abdominal CT has air outside the body, in bowel and lung bases
 MIN_MAX_HU = -200.0  # a CT of a body contains tissue above this
@@ -51,7 +53,7 @@ _INT16 = np.iinfo(np.int16)
 _READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, ImageFileError, HeaderDataError)
 
 
-class NiftiError(ValueError):
+class NiftiError(UserError):
     """Bad input file. ``str(err)`` is one line: ``'<path>: <what is wrong>'``."""
 
     def __init__(self, path, problem: str):
