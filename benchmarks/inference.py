@@ -60,7 +60,7 @@ from training.config import TrainConfig  # noqa: E402
 from training.predict import CPU_MAX_BATCH, predict_files  # noqa: E402
 from training.train import select_amp, select_device  # noqa: E402
 from utils.phantom import make_phantom  # noqa: E402
-from utils.preprocess_data import PreprocessParams  # noqa: E402
+from utils.geometry import PreprocessParams  # noqa: E402
 from utils.volume_io import save_volume  # noqa: E402
 
 TARGET_SIZE = (256, 256)  # the seed's slice size

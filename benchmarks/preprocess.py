@@ -49,7 +49,9 @@ import numpy as np  # noqa: E402
 import scipy.ndimage  # noqa: E402
 
 from utils.phantom import write_phantom_dataset  # noqa: E402
-from utils.preprocess_data import PreprocessParams, pair_cases, preprocess_dataset  # noqa: E402
+from utils.case_files import pair_cases  # noqa: E402
+from utils.geometry import PreprocessParams  # noqa: E402
+from utils.preprocess_data import preprocess_dataset  # noqa: E402
 
 SEED_BRIGHTNESS = np.linspace(0.8, 1.2, 4)  # the seed's 4 brightness variations (factors)
 SEED_ROTATIONS = 4                          # 0, 90, 180, 270 degrees

@@ -29,7 +29,8 @@ def shared_data() -> Path:
 def tiny_data(tmp_path_factory) -> Path:
     """A preprocessed folder of 3 fully labelled 64x64x12 phantoms at 32x32, shared by tests."""
     from utils.phantom import write_phantom_dataset
-    from utils.preprocess_data import PreprocessParams, preprocess_dataset
+    from utils.geometry import PreprocessParams
+    from utils.preprocess_data import preprocess_dataset
     root = tmp_path_factory.mktemp("tiny")
     write_phantom_dataset(root / "raw", 3, "full", seed=5, size=64, num_slices=12, progress=False)
     preprocess_dataset("full", root / "raw" / "Image", root / "raw" / "Mask", root / "pre",

@@ -25,7 +25,8 @@ from training.__main__ import main
 from training.config import TrainConfig
 from training.train import fit
 from utils.phantom import write_phantom_dataset
-from utils.preprocess_data import PreprocessParams, preprocess_dataset
+from utils.geometry import PreprocessParams
+from utils.preprocess_data import preprocess_dataset
 from utils.volume_io import save_volume
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,9 +6,10 @@ import torch
 
 from tests.test_preprocess import blob_mask, write_ct_case
 from utils.dataset import (SliceDataset, batch_to_device, create_train_val_datasets, load_and_pair_files,
-                           resident_batches, split_cases)
+                           load_cases, resident_batches, split_cases)
+from utils.geometry import PreprocessError, PreprocessParams
 from utils.labels import NUM_CLASSES, ORGAN_IDS
-from utils.preprocess_data import PreprocessError, PreprocessParams, preprocess_dataset
+from utils.preprocess_data import preprocess_dataset
 
 PARAMS = PreprocessParams(target_size=(32, 32))
 
@@ -35,8 +36,9 @@ def folders(tmp_path_factory):
 
 
 def test_split_is_by_case_and_deterministic(folders):
-    cases = load_and_pair_files(list(folders))
+    cases = load_cases(list(folders))
     assert len(cases) == 8 and all(case["params"] == PARAMS.to_dict() for case in cases)
+    assert load_and_pair_files(list(folders)) == cases  # the seed's name for the same records
     train, val = split_cases(cases, test_size=0.25, seed=3)
     train_ids, val_ids = {c["case_id"] for c in train}, {c["case_id"] for c in val}
     assert len(val_ids) == 2 and not train_ids & val_ids and len(train_ids | val_ids) == 8
@@ -52,13 +54,13 @@ def test_split_is_by_case_and_deterministic(folders):
 
 def test_duplicate_case_ids_across_folders_are_an_error(folders, tmp_path):
     with pytest.raises(PreprocessError, match="A0.*unique"):
-        load_and_pair_files([folders[0], folders[0]])
+        load_cases([folders[0], folders[0]])
     with pytest.raises(PreprocessError, match="no manifest"):
-        load_and_pair_files(tmp_path)
+        load_cases(tmp_path)
 
 
 def test_items_shapes_dtypes_and_annotated(folders):
-    dataset = SliceDataset(load_and_pair_files(list(folders)))
+    dataset = SliceDataset(load_cases(list(folders)))
     item = dataset[0]
     assert item["image"].shape == (1, 32, 32) and item["image"].dtype == torch.uint8
     assert item["label"].shape == (32, 32) and item["label"].dtype == torch.uint8
@@ -71,7 +73,7 @@ def test_items_shapes_dtypes_and_annotated(folders):
 
 
 def test_neighbouring_slices_as_channels(folders):
-    (case,) = [c for c in load_and_pair_files(folders[0]) if c["case_id"] == "A1"]
+    (case,) = [c for c in load_cases(folders[0]) if c["case_id"] == "A1"]
     dataset = SliceDataset([case], in_channels=3)
     stored = np.load(f"{case['folder']}/image.npy")
     last = case["num_slices"] - 1
@@ -85,7 +87,7 @@ def test_neighbouring_slices_as_channels(folders):
 
 
 def test_batch_to_device_converts_dtypes(folders):
-    dataset = SliceDataset(load_and_pair_files(folders[1]))
+    dataset = SliceDataset(load_cases(folders[1]))
     batch = torch.utils.data.default_collate([dataset[i] for i in range(4)])
     moved = batch_to_device(batch, "cpu", channels_last=True)
     assert moved["image"].dtype == torch.float32 and moved["image"].max() <= 1
@@ -95,7 +97,7 @@ def test_batch_to_device_converts_dtypes(folders):
 
 
 def test_dataloader_with_workers(folders):
-    dataset = SliceDataset(load_and_pair_files(list(folders)), in_channels=3)
+    dataset = SliceDataset(load_cases(list(folders)), in_channels=3)
     dataset[0]  # opens memory maps in this process; workers must open their own
     loader = torch.utils.data.DataLoader(dataset, batch_size=5, num_workers=2, shuffle=False)
     batches = list(loader)
@@ -105,7 +107,7 @@ def test_dataloader_with_workers(folders):
 
 
 def test_resident_batches_match_items(folders):
-    dataset = SliceDataset(load_and_pair_files(list(folders)), in_channels=3)
+    dataset = SliceDataset(load_cases(list(folders)), in_channels=3)
     generator = torch.Generator().manual_seed(0)
     batches = list(resident_batches(dataset, "cpu", 7, generator))
     assert sum(len(b["slice"]) for b in batches) == len(dataset)

@@ -18,7 +18,7 @@ from training.predict import (generate_predictions, keep_largest_component, load
                               predict_files, predict_volume, predict_volume_with_probabilities,
                               write_label_descriptions)
 from utils.labels import NUM_CLASSES, ORGAN_IDS, ORGANS
-from utils.preprocess_data import PreprocessParams
+from utils.geometry import PreprocessParams
 from utils.volume_io import Volume, save_volume
 
 TINY = TrainConfig(features=(4, 8))

@@ -9,9 +9,13 @@ import pytest
 import torch
 
 from utils.labels import ORGAN_IDS, LabelMapError
-from utils.preprocess_data import (PreprocessError, PreprocessParams, distance_to_boundary, hu_window,
-                                   load_manifest, pair_cases, preprocess_dataset, preprocess_image,
-                                   preprocess_labels, preprocess_other_dataset, restore_in_plane)
+from utils.case_files import pair_cases
+from utils.errors import UserError
+from utils.files import TEMPORARY_PREFIX
+from utils.geometry import (PreprocessError, PreprocessParams, distance_to_boundary, hu_window, preprocess_image,
+                            preprocess_labels, restore_in_plane)
+from utils.preprocess_data import preprocess_dataset, preprocess_other_dataset
+from utils.preprocessed_folder import load_manifest
 from utils.volume_io import Volume
 
 SMALL = PreprocessParams(target_size=(128, 128))
@@ -142,7 +146,7 @@ def test_bad_masks_fail_per_case_in_parallel(tmp_path):
     errors = {failure["case_id"]: failure["error"] for failure in manifest["failed"]}
     assert "[9]" in errors["unknown_value"] and "abdomenct1k" in errors["unknown_value"]
     assert "grid differs" in errors["other_grid"]
-    assert not list(out.glob(".tmp-*"))
+    assert not list(out.glob(f"{TEMPORARY_PREFIX}*"))
 
 
 def test_nnunet_dataset_maps_names(tmp_path):
@@ -170,7 +174,7 @@ def test_missing_or_empty_input_folders(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(PreprocessError, match="missing_images.*not found"):
         preprocess_dataset("abdomenct1k", tmp_path / "missing_images", tmp_path / "empty", tmp_path / "out")
-    with pytest.raises(PreprocessError, match="empty.*no .nii"):
+    with pytest.raises(UserError, match="empty.*no .nii"):
         pair_cases(tmp_path / "empty", tmp_path / "empty")
 
 

@@ -6,7 +6,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from utils.volume_io import (NiftiError, Volume, case_id_from_path, load_ct, load_mask, save_labels,
+from utils.case_files import case_id_from_path
+from utils.volume_io import (NiftiError, Volume, load_ct, load_mask, save_labels,
                              save_volume, to_original)
 
 SOURCE_CT = "real/totalseg_example/example_ct_sm.nii.gz"

@@ -7,8 +7,6 @@ partial-label losses, then fully labelled held-out phantoms predicted to NIfTI a
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +19,9 @@ from training.visualization import slice_grid
 from utils.labels import ORGANS
 from utils.phantom import PHANTOM_SEEDS, write_phantom_dataset
 from utils.preprocess_data import PreprocessParams, preprocess_dataset
-from utils.volume_io import case_id_from_path, load_ct, load_mask
+from utils.volume_io import load_ct, load_mask
+from utils.case_files import case_id_from_path, nifti_files
+from utils.files import write_json
 
 # Settings of the demo itself; the model's are in TRAIN below. `--set key=value` changes either.
 DEMO = {
@@ -94,16 +94,14 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, overrides: 
         "seconds": {**seconds, "total": round(sum(seconds.values()), 1)},
         "settings": {**demo, "train": cfg.to_dict()},
     }
-    temporary = out / ".summary.json.tmp"
-    temporary.write_text(json.dumps(summary, indent=2, allow_nan=True))
-    os.replace(temporary, out / "summary.json")
+    write_json(out / "summary.json", summary)  # strict JSON: a NaN Dice is null
     print_outputs(out, summary, picture)
     return summary
 
 
 def draw_example(heldout: Path, predictions: Path, path: Path) -> Path:
     """A grid of axial slices of the first held-out case: CT, prediction fill, truth contour."""
-    image_path = sorted((heldout / "Image").glob("*.nii.gz"))[0]
+    image_path = nifti_files(heldout / "Image", "held-out images")[0]
     case = case_id_from_path(image_path)
     volume = load_ct(image_path)
     truth = load_mask(heldout / "Mask" / f"{case}.nii.gz", volume)

@@ -1,7 +1,7 @@
 """Score predicted label volumes against ground truth: per case and organ, then summarised.
 
 ``evaluate_folders`` pairs ``pred_dir/<case>.nii.gz`` with the ground truth of the same case id in
-``gt_dir`` (``utils.volume_io.case_id_from_path``, so ``Case_00012_0000.nii.gz`` pairs too),
+``gt_dir`` (``utils.case_files.match_cases``, so ``Case_00012_0000.nii.gz`` pairs too),
 remaps the ground truth from its source's ids to ours (``utils.labels``), and writes:
 
 - ``metrics.csv``: one row per case and organ (columns of :func:`evaluate_case` plus ``case``
@@ -28,17 +28,15 @@ Conventions (the metric functions are in ``utils/metrics.py``):
   axial slices whose ground truth contains the organ.
 - Means are NaN-means; a mean with nothing to average is NaN in the CSV and null in the JSON.
 
-Outputs are written atomically (temporary name, then ``os.replace``). A case that cannot be
+Outputs are written atomically (``utils.files``). A case that cannot be
 read or scored is listed under ``failed`` in the summary and the other cases still run.
 """
 
 from __future__ import annotations
 
 import csv
-import json
+import io
 import math
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -46,9 +44,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from training.visualization import dice_bar_chart, save_figure
+from utils.case_files import match_cases, nifti_files
+from utils.errors import UserError
+from utils.files import write_json, write_text
 from utils.labels import NUM_CLASSES, ORGANS, get_source
 from utils.metrics import dice_iou_3d, false_positive_volume_ml, hd95_mm, surface_dice
-from utils.volume_io import case_id_from_path, load_ct, load_mask
+from utils.volume_io import load_ct, load_mask
 
 ORGAN_RANGE = range(1, NUM_CLASSES)
 SCORE_COLUMNS = ("dice", "iou", "hd95_mm", "surface_dice", "false_positive_ml", "volume_ratio",
@@ -56,7 +57,6 @@ SCORE_COLUMNS = ("dice", "iou", "hd95_mm", "surface_dice", "false_positive_ml", 
 CASE_COLUMNS = ("organ_id", "organ", "annotated", "gt_voxels", "pred_voxels") + SCORE_COLUMNS
 CSV_COLUMNS = ("case",) + CASE_COLUMNS + ("slice_dice",)
 SUMMARY_METRICS = ("dice", "iou", "hd95_mm", "surface_dice", "false_positive_ml", "slice_dice")
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 NAN = float("nan")
 
 
@@ -188,13 +188,12 @@ def write_outputs(rows: list[dict], summary: dict, out_dir) -> None:
     """Write ``metrics.csv``, ``summary.json`` and ``dice_per_organ.png`` to ``out_dir``, atomically."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with _atomic_text(out_dir / "metrics.csv") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    with _atomic_text(out_dir / "summary.json") as handle:
-        json.dump(_json_safe(summary), handle, indent=2, allow_nan=False)
-        handle.write("\n")
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=CSV_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(out_dir / "metrics.csv", table.getvalue())
+    write_json(out_dir / "summary.json", summary, indent=2)
     scored = {organ: dice for organ, dice in summary["dice"].items() if not _is_nan(dice)}
     cases = summary["cases"]
     title = f"Mean Dice per organ over {cases} case{'s' if cases != 1 else ''}"
@@ -257,29 +256,14 @@ def boldness_report(pred_dir, gt_dir, trained_by: dict[int, str], source: str = 
 
 def _pair_cases(pred_dir, gt_dir) -> tuple[list[tuple[str, Path, Path]], list[str]]:
     """``[(case, prediction, ground truth)]`` for ground-truth cases with a prediction, and the
-    case ids without one."""
-    gt_files, pred_files = _nifti_by_case(gt_dir), _nifti_by_case(pred_dir)
-    if not gt_files:
-        raise ValueError(f"{gt_dir}: no ground-truth .nii / .nii.gz files")
-    if not pred_files:
-        raise ValueError(f"{pred_dir}: no predicted .nii / .nii.gz files")
-    pairs = [(case, pred_files[case], path) for case, path in gt_files.items() if case in pred_files]
-    missing = [case for case in gt_files if case not in pred_files]
-    return pairs, missing
-
-
-def _nifti_by_case(folder) -> dict[str, Path]:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"{folder}: not a folder")
-    files = {}
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and path.name.lower().endswith(NIFTI_SUFFIXES) and not path.name.startswith("."):
-            case = case_id_from_path(path)
-            if case in files:
-                raise ValueError(f"{folder}: case {case} has two files, {files[case].name} and {path.name}")
-            files[case] = path
-    return files
+    case ids without one. Predictions named after their CT (``CASE_0000.nii.gz``) pair too."""
+    names = ("predictions", "ground-truth masks")
+    nifti_files(gt_dir, names[1])  # the reference: a missing or empty ground truth is reported first
+    match = match_cases(pred_dir, gt_dir, names)
+    if match.duplicates:
+        case, kept, second = match.duplicates[0]
+        raise UserError(f"case {case} has two files, {kept.name} and {second.name}", second.parent)
+    return match.pairs, list(match.labels_only)
 
 
 def _load_case(pred_path: Path, gt_path: Path, label_source) -> tuple[np.ndarray, np.ndarray, tuple]:
@@ -291,27 +275,6 @@ def _load_case(pred_path: Path, gt_path: Path, label_source) -> tuple[np.ndarray
         raise ValueError(f"{pred_path}: prediction holds values outside the class ids 0..{NUM_CLASSES - 1}")
     gt = label_source.remap(load_mask(gt_path, reference), gt_path)
     return pred.astype(np.uint8), gt, reference.spacing
-
-
-class _atomic_text:
-    """``with _atomic_text(path) as handle``: write a text file under a temporary name, then rename."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-
-    def __enter__(self):
-        handle, self.temporary = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
-        os.chmod(self.temporary, 0o644)  # mkstemp creates 0600; reports are meant to be read
-        self.handle = os.fdopen(handle, "w", newline="")
-        return self.handle
-
-    def __exit__(self, exc_type, exc, traceback):
-        self.handle.close()
-        if exc_type is None:
-            os.replace(self.temporary, self.path)
-        elif os.path.exists(self.temporary):
-            os.remove(self.temporary)
-        return False
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -331,17 +294,3 @@ def _nanmean(values) -> float:
 
 def _is_nan(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
-
-
-def _json_safe(value):
-    """NaN -> None (JSON null), numpy scalars -> Python, recursively."""
-    if isinstance(value, dict):
-        return {key: _json_safe(v) for key, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-

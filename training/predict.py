@@ -1,6 +1,6 @@
 """Prediction: CT NIfTI in, label NIfTI out, in the input's own grid and affine.
 
-The image path is the training one (``utils.preprocess_data.preprocess_image``: HU window,
+The image path is the training one (``utils.geometry.preprocess_image``: HU window,
 in-plane resize or resample, uint8; the model sees ``uint8 / 255``), and
 ``restore_in_plane`` is its exact inverse, so logits go back onto the volume's grid before the
 ``argmax``. Memory stays bounded by the input, the output and one chunk of slices: logits are
@@ -19,8 +19,6 @@ mapped back and reduced to labels chunk by chunk, never held for the whole volum
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -35,10 +33,11 @@ from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.train import select_amp, select_device
 from utils.errors import UserError
 from utils.labels import COLORS, DISPLAY_NAMES, NUM_CLASSES, ORGANS, LabelSource, get_source
-from utils.preprocess_data import PreprocessParams, preprocess_image, preprocess_labels, restore_in_plane
+from utils.case_files import case_id_from_path, nifti_files
+from utils.files import write_text
+from utils.geometry import PreprocessParams, preprocess_image, preprocess_labels, restore_in_plane
 from utils.volume_io import (
     Volume,
-    case_id_from_path,
     load_ct,
     load_mask,
     save_labels,
@@ -338,11 +337,7 @@ def _input_files(inputs) -> list[Path]:
         return [inputs]
     if not inputs.is_dir():
         raise PredictError(f"{inputs}: no such file or folder")
-    files = sorted(p for p in inputs.iterdir()
-                   if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith((".nii", ".nii.gz")))
-    if not files:
-        raise PredictError(f"{inputs}: holds no .nii or .nii.gz files")
-    return files
+    return nifti_files(inputs, "CT images", PredictError)
 
 
 def _read_ct(path: Path) -> Volume:
@@ -408,16 +403,6 @@ def write_label_descriptions(out_dir) -> list[Path]:
         slicer_lines.append(f"{organ_id} {name} {red} {green} {blue} {255 if organ_id else 0}")
     paths = [out_dir / ITKSNAP_FILE, out_dir / SLICER_FILE]
     for path, lines in zip(paths, (itk_lines, slicer_lines)):
-        _write_text_atomically(path, "\n".join(lines) + "\n")
+        write_text(path, "\n".join(lines) + "\n")
     return paths
 
-
-def _write_text_atomically(path: Path, text: str) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)

@@ -16,14 +16,15 @@ import numpy as np
 import torch
 
 from utils.labels import NUM_CLASSES
-from utils.preprocess_data import PreprocessError, load_manifest
+from utils.geometry import PreprocessError
+from utils.preprocessed_folder import load_manifest
 
 ARRAYS = ("image", "label", "distance")
 MAX_OPEN_CASES = 128  # each memory map holds a file descriptor; keep well under `ulimit -n`
 
 
-def load_and_pair_files(path_or_paths) -> list[dict]:
-    """Case records of one or several preprocessed folders.
+def load_cases(path_or_paths) -> list[dict]:
+    """Case records of one or several preprocessed folders, read from their manifests.
 
     Args:
         path_or_paths: a folder written by ``utils.preprocess_data.preprocess_dataset``, or a list.
@@ -54,6 +55,12 @@ def load_and_pair_files(path_or_paths) -> list[dict]:
     return records
 
 
+def load_and_pair_files(path_or_paths) -> list[dict]:
+    """The seed's name for :func:`load_cases` (kept for its README's imports): nothing is paired
+    here; images and masks were paired when the folders were preprocessed."""
+    return load_cases(path_or_paths)
+
+
 def split_cases(cases: list[dict], test_size: float = 0.2, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """Split case records into (train, val) by case, deterministically from `seed`.
 
@@ -76,7 +83,7 @@ def create_train_val_datasets(paired, test_size: float = 0.2, seed: int = 0,
     """Train and validation datasets split by case (never by slice: a patient's slices are
     strongly correlated, so a slice split leaks). `paired`: case records or folder path(s)."""
     if isinstance(paired, (str, os.PathLike)) or (paired and not isinstance(paired[0], dict)):
-        paired = load_and_pair_files(paired)
+        paired = load_cases(paired)
     train_cases, val_cases = split_cases(paired, test_size, seed)
     return SliceDataset(train_cases, in_channels), SliceDataset(val_cases, in_channels)
 
@@ -85,7 +92,7 @@ class SliceDataset(torch.utils.data.Dataset):
     """Every axial slice of some cases; item ``i`` is (case, slice) in case order.
 
     Args:
-        cases: case records from :func:`load_and_pair_files`.
+        cases: case records from :func:`load_cases`.
         in_channels: odd number of neighbouring slices stacked as channels (2.5D), centred on
             the slice; slices past either end repeat the edge slice.
 

@@ -28,9 +28,8 @@ Decisions (what the loader does with awkward files):
 Bad input files raise :class:`NiftiError` with a one-line ``'<path>: <what is wrong>'``.
 """
 
+import gzip
 import os
-import re
-import tempfile
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -41,7 +40,9 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
+from utils.case_files import is_nifti
 from utils.errors import UserError
+from utils.files import atomic_path
 
 AIR_HU = -500.0  # voxels below this count as air (air is ~ -1000 HU, fat ~ -100 HU)
 MIN_AIR_FRACTION = 0.001  # abdominal CT has air outside the body, in bowel and lung bases
@@ -79,12 +80,6 @@ class Volume:
     original_affine: np.ndarray
     original_shape: tuple[int, int, int]
     path: str
-
-
-def case_id_from_path(path) -> str:
-    """``'Case_00012_0000.nii.gz' -> 'Case_00012'``: drop ``.nii(.gz)`` and a ``_0000`` channel suffix."""
-    name = re.sub(r"\.nii(\.gz)?$", "", Path(path).name, flags=re.IGNORECASE)
-    return re.sub(r"_0000$", "", name)
 
 
 def load_ct(path, check_intensity: bool = True) -> Volume:
@@ -184,8 +179,7 @@ def save_volume(array, affine, path, dtype=None) -> None:
             Default: the array's own dtype.
     """
     path = Path(path)
-    suffix = next((s for s in (".nii.gz", ".nii") if path.name.lower().endswith(s)), None)
-    if suffix is None:
+    if not is_nifti(path):
         raise ValueError(f"{path}: NIfTI path must end with .nii or .nii.gz")
     array = np.asarray(array)
     if dtype is None:
@@ -196,16 +190,14 @@ def save_volume(array, affine, path, dtype=None) -> None:
     img.header.set_sform(affine, code=1)
     img.header.set_qform(affine, code=1)
     img.header.set_xyzt_units("mm")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Write to a temporary name in the same folder, then rename: a crash never leaves a half file.
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(handle)
-    try:
-        img.to_filename(temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    compress = path.name.lower().endswith(".gz")
+    # nibabel picks the format from the name; the stream is ours, so the temporary name cannot mislead it
+    with atomic_path(path) as temporary, open(temporary, "xb") as handle:
+        if compress:  # level 1 and no name or time in the header, as nibabel writes .nii.gz
+            with gzip.GzipFile(filename="", mode="wb", fileobj=handle, compresslevel=1, mtime=0) as stream:
+                img.to_stream(stream)
+        else:
+            img.to_stream(handle)
 
 
 def _read_nifti(path) -> tuple[nib.Nifti1Image, np.ndarray]:
