@@ -17,8 +17,8 @@ from training.config import TrainConfig
 from training.predict import (generate_predictions, keep_largest_component, load_and_preprocess_ct_data,
                               predict_files, predict_volume, predict_volume_with_probabilities,
                               write_label_descriptions)
-from utils.labels import NUM_CLASSES, ORGAN_IDS, ORGANS
 from utils.geometry import PreprocessParams
+from utils.labels import NUM_CLASSES, ORGAN_IDS, ORGANS
 from utils.volume_io import Volume, save_volume
 
 TINY = TrainConfig(features=(4, 8))

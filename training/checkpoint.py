@@ -24,8 +24,8 @@ import torch
 from network.unet import UNet
 from training.config import TrainConfig
 from utils.errors import UserError
+from utils.geometry import PreprocessParams
 from utils.labels import COLORS, ORGANS
-from utils.preprocess_data import PreprocessParams
 
 FORMAT = 1
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default container

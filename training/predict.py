@@ -309,7 +309,7 @@ def predict_files(checkpoint, inputs, out_dir, device="auto", batch_size: int = 
         out_dir.mkdir(parents=True, exist_ok=True)  # only now: a bad checkpoint leaves no folder behind
         write_label_descriptions(out_dir)
         for i, path in enumerate(tqdm(files, desc="predict", unit="file", disable=not progress)):
-            volume, error = _result(pending_read)
+            volume, error = pending_read.result()
             if i + 1 < len(files):
                 pending_read = reader.submit(_read_ct, files[i + 1])
             case_id = case_id_from_path(path)
@@ -340,15 +340,10 @@ def _input_files(inputs) -> list[Path]:
     return nifti_files(inputs, "CT images", PredictError)
 
 
-def _read_ct(path: Path) -> Volume:
-    # a named caller, so load_ct's warnings point here rather than into concurrent.futures
-    return load_ct(path)
-
-
-def _result(future):
-    """``(value, None)`` or ``(None, one-line error)`` for a read of a bad file."""
+def _read_ct(path: Path) -> tuple[Volume | None, str | None]:
+    """``(volume, None)``, or ``(None, one-line error)`` for a file that is not a readable CT."""
     try:
-        return future.result(), None
+        return load_ct(path), None  # a named caller, so load_ct's warnings point here, not into futures
     except (ValueError, OSError) as err:  # NiftiError is a ValueError
         return None, str(err).splitlines()[0]
 
@@ -371,15 +366,13 @@ def _write_case(labels: np.ndarray, probabilities: np.ndarray | None, volume: Vo
 
 
 def _collect_write(future, summary: dict) -> None:
-    if future is None:
-        return
-    done = future.result()
+    done = future.result() if future is not None else {}
     if "error" in done:
         summary["failed"].append(done)
-        return
-    summary["written"].append(done["file"])
-    if "probabilities" in done:
-        summary["probabilities"].append(done["probabilities"])
+    elif done:
+        summary["written"].append(done["file"])
+        if "probabilities" in done:
+            summary["probabilities"].append(done["probabilities"])
 
 
 def write_label_descriptions(out_dir) -> list[Path]:
@@ -389,15 +382,13 @@ def write_label_descriptions(out_dir) -> list[Path]:
     ``abdoseg_labels.ctbl``: 3D Slicer colour table (``id name R G B A``). Both from
     ``utils.labels``. Returns the two paths.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir)  # write_text makes the folder
     itk_lines = ["# ITK-SNAP Label Description File (abdoseg)",
                  "# IDX   -R-  -G-  -B-  -A--  VIS MSH  LABEL"]
     slicer_lines = ["# 3D Slicer color table (abdoseg)", f"# {NUM_CLASSES} values"]
     for organ_id, (name, (red, green, blue)) in enumerate(zip(ORGANS, COLORS)):
-        visible = 0 if organ_id == 0 else 1
+        visible = alpha = 0 if organ_id == 0 else 1
         text = "Clear Label" if organ_id == 0 else DISPLAY_NAMES[organ_id]
-        alpha = 0 if organ_id == 0 else 1
         itk_lines.append(f"{organ_id:>5} {red:>5} {green:>4} {blue:>4} {alpha:>8} "
                          f"{visible:>2} {visible:>2}    \"{text}\"")
         slicer_lines.append(f"{organ_id} {name} {red} {green} {blue} {255 if organ_id else 0}")
