@@ -3,6 +3,7 @@
 import os
 import stat
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,6 +15,7 @@ from training.evaluate import evaluate_folders
 from training.predict import predict_files
 from utils.geometry import PreprocessParams
 from utils.preprocess_data import preprocess_dataset
+from utils.volume_io import save_volume
 
 TINY = TrainConfig(features=(4, 8))
 
@@ -52,3 +54,11 @@ def test_preprocess_predict_and_evaluate_outputs_are_readable_by_others(umask_02
     assert {"metrics.csv", "summary.json"} <= set(written["eval"])
     for stage, files in written.items():
         assert files and all(mode == 0o644 for mode in files.values()), (stage, files)
+
+
+@pytest.mark.parametrize("name", ["scan.NII.GZ", "scan.Nii", "scan.nii"])
+def test_save_volume_leaves_exactly_the_named_file(umask_022, tmp_path, name):
+    """nibabel picks the format from a file name; the temporary's name must not mislead it."""
+    save_volume(np.arange(24, dtype=np.int16).reshape(2, 3, 4), np.eye(4), tmp_path / name)
+    assert modes(tmp_path) == {name: 0o644}
+    assert ((tmp_path / name).read_bytes()[:2] == b"\x1f\x8b") == name.lower().endswith(".gz")
