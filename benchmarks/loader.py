@@ -53,7 +53,8 @@ from training.train import (build_datasets, build_optimizer, make_loaders, prepa
 from utils.augment import AugmentParams, augment_batch  # noqa: E402
 from utils.dataset import batch_to_device, load_and_pair_files  # noqa: E402
 from utils.losses import build_loss  # noqa: E402
-from utils.preprocess_data import PreprocessParams, preprocess_phantoms  # noqa: E402
+from utils.phantom.sets import preprocess_phantoms  # noqa: E402
+from utils.preprocess_data import PreprocessParams  # noqa: E402
 
 QUICK = {"cases": 2, "phantom_size": 64, "slices": 8, "target": 64, "features": (8, 16),
          "loader_steps": 4, "step_steps": 2, "memory_batches": (2,)}

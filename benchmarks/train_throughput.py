@@ -64,7 +64,8 @@ from training.train import (Runtime, build_datasets, build_optimizer, make_loade
                             select_device, setup_runtime, train_one_epoch, wrap_model)
 from utils.dataset import batch_to_device, load_and_pair_files  # noqa: E402
 from utils.losses import build_loss  # noqa: E402
-from utils.preprocess_data import PreprocessParams, preprocess_phantoms  # noqa: E402
+from utils.phantom.sets import preprocess_phantoms  # noqa: E402
+from utils.preprocess_data import PreprocessParams  # noqa: E402
 
 QUICK = {"cases": 2, "phantom_size": 64, "slices": 8, "size": 64, "features": (8, 16), "matmul": 256,
          "batch_size": 4, "infer_batch": 4, "warmup": 1, "steps": 2, "infer_steps": 2}

@@ -22,7 +22,6 @@ from utils.case_files import case_id_from_path, pair_cases
 from utils.geometry import (PreprocessError, PreprocessParams, distance_to_boundary, preprocess_image,
                             preprocess_labels)
 from utils.labels import NUM_CLASSES, ORGANS, LabelSource, get_source
-from utils.phantom import write_phantom_dataset
 from utils.preprocessed_folder import (read_case_metas, remove_stale_temporaries, write_case_folder,
                                        write_manifest)
 from utils.volume_io import Volume, load_ct, load_mask
@@ -172,21 +171,3 @@ def preprocess_other_dataset(image_input_path, mask_input_path, output_base_path
     params = PreprocessParams(min_clip_value, max_clip_value, tuple(target_size))
     return preprocess_dataset("abdomenct1k", image_input_path, mask_input_path, output_base_path, params,
                               workers=workers, num_brightness_variations=num_brightness_variations)
-
-
-def preprocess_phantoms(folder, cases: int, layout: str = "full", seed: int = 0, size: int = 128,
-                        num_slices: int | None = None, params: PreprocessParams = PreprocessParams(),
-                        workers: int = 1) -> Path:
-    """Phantom cases written to ``folder/raw`` and preprocessed into ``folder/preprocessed``.
-
-    Returns the preprocessed folder; raises PreprocessError if any case failed.
-    """
-    raw, out = Path(folder) / "raw", Path(folder) / "preprocessed"
-    write_phantom_dataset(raw, cases, layout, seed=seed, size=size, num_slices=num_slices,
-                          workers=workers, progress=False)
-    manifest = preprocess_dataset(layout, raw / "Image", raw / "Mask", out, params, workers=workers,
-                                  progress=False)
-    if manifest["failed"]:
-        raise PreprocessError(f"{out}: preprocessing failed: {manifest['failed']}")
-    return out
-
