@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     phantom = commands.add_parser("phantom", help="write synthetic abdominal CT cases")
     phantom.add_argument("--out", required=True, type=Path)
     phantom.add_argument("--cases", type=int, default=4)
-    phantom.add_argument("--layout", choices=("abdomenct1k", "pku", "full"), default="full")
+    phantom.add_argument("--layout", choices=("abdomenct1k", "pku", "full", "totalseg"), default="full")
     phantom.add_argument("--seed", type=int, default=0)
     phantom.add_argument("--size", type=int, default=512, help="in-plane voxels (same field of view)")
     phantom.add_argument("--slices", type=int, default=None, help="number of axial slices")
