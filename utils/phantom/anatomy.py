@@ -21,7 +21,7 @@ from utils.phantom.placement import (
     sample_solid_organs,
     sample_vessels_and_muscles,
 )
-from utils.phantom.shapes import Blob, orthonormal
+from utils.phantom.shapes import Blob, Tube, orthonormal
 
 REFERENCE_LENGTH_MM = 400.0  # anatomy is written for a 400 mm span, then scaled per case
 
@@ -98,8 +98,8 @@ class Anatomy:
     thorax: Thorax
     solid: SolidOrgans
     hollow: HollowOrgans
-    vessels: list  # [Tube]: aorta, IVC and branches (unlabelled)
-    muscles: list  # [Tube]
+    vessels: list[Tube]  # aorta, IVC and branches (unlabelled)
+    muscles: list[Tube]
     pelvis: PelvicBones
 
 

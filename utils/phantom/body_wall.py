@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from utils.phantom.anatomy import Anatomy
 from utils.phantom.canvas import AIR_HU, CAVITY, LUNG, MEDIASTINUM, OUTSIDE, WALL, Canvas
 from utils.phantom.shapes import smoothstep
 
@@ -34,7 +35,7 @@ class SliceMaps:
     mediastinum: np.ndarray  # bool
 
 
-def draw_body(canvas: Canvas, anatomy) -> None:
+def draw_body(canvas: Canvas, anatomy: Anatomy) -> None:
     """Skin, fat, muscle wall, ribs, cavity, lung bases, diaphragm, heart and the CT table, per slice."""
     body = anatomy.body
     extent = body.half_width * 1.25
@@ -51,7 +52,7 @@ def draw_body(canvas: Canvas, anatomy) -> None:
         canvas.zone[x0:x1, y0:y1, index] = zone
 
 
-def body_profile(anatomy, angles, z: float):
+def body_profile(anatomy: Anatomy, angles, z: float):
     """Body wall of the slice at height z (mm), per polar angle ``angles`` (NB,), all in mm.
 
     Returns the skin radius, the subcutaneous fat and muscle wall thicknesses, and the deep fat
@@ -85,7 +86,7 @@ def body_profile(anatomy, angles, z: float):
     return radius, fat, muscle, deep
 
 
-def _table(anatomy, x, y) -> tuple[np.ndarray, np.ndarray]:
+def _table(anatomy: Anatomy, x, y) -> tuple[np.ndarray, np.ndarray]:
     """(above the table (bool), table HU (float32)) on the crop x (nx, 1), y (1, ny)."""
     body = anatomy.body
     table_top = -body.half_depth * 1.02 * body.table_press + body.table_sag * x**2  # the back is flattened on it
@@ -96,7 +97,7 @@ def _table(anatomy, x, y) -> tuple[np.ndarray, np.ndarray]:
     return y > table_top, np.where(np.abs(x) < body.half_width * 1.2, table, AIR_HU).astype(np.float32)
 
 
-def _diaphragm(anatomy, x, y, spacing) -> tuple[np.ndarray, np.ndarray]:
+def _diaphragm(anatomy: Anatomy, x, y, spacing) -> tuple[np.ndarray, np.ndarray]:
     """(z of the diaphragm, its muscle band in z) on the crop x (nx, 1), y (1, ny)."""
     thorax, scale = anatomy.thorax, anatomy.scale
     x_ref, y_ref = x / scale.x, y / scale.y
@@ -108,7 +109,7 @@ def _diaphragm(anatomy, x, y, spacing) -> tuple[np.ndarray, np.ndarray]:
     return diaphragm, 5.0 * np.sqrt(1 + slope_x**2 + slope_y**2)  # 5 mm muscle, across the sloping sheet
 
 
-def slice_maps(x, y, spacing, anatomy) -> SliceMaps:
+def slice_maps(x, y, spacing, anatomy: Anatomy) -> SliceMaps:
     """What every slice shares, on the in-plane crop x (nx, 1), y (1, ny) in mm: polar angle bins,
     table, rib angles, diaphragm height and the mediastinum."""
     body, thorax, scale = anatomy.body, anatomy.thorax, anatomy.scale
@@ -129,7 +130,7 @@ def slice_maps(x, y, spacing, anatomy) -> SliceMaps:
     )
 
 
-def _wall_slice(anatomy, maps: SliceMaps, z: float):
+def _wall_slice(anatomy: Anatomy, maps: SliceMaps, z: float):
     """HU (nx, ny) and zone of one slice from skin to cavity; also the depth below the skin and
     the depths where the subcutaneous fat and the muscle wall end (mm, each (nx, ny))."""
     tissue = anatomy.tissue
@@ -153,7 +154,7 @@ def _wall_slice(anatomy, maps: SliceMaps, z: float):
     return hu, zone, depth, fat_inner, wall_inner
 
 
-def _add_ribs(anatomy, maps: SliceMaps, z: float, hu, zone, depth, fat_inner, wall_inner) -> None:
+def _add_ribs(anatomy: Anatomy, maps: SliceMaps, z: float, hu, zone, depth, fat_inner, wall_inner) -> None:
     """Oval rib sections in the muscle wall: oblique bands descending from back to front."""
     thorax = anatomy.thorax
     ribbed = (zone == WALL) & (z > maps.rib_lowest) & (maps.angle_from_back > 0.5)
@@ -169,7 +170,7 @@ def _add_ribs(anatomy, maps: SliceMaps, z: float, hu, zone, depth, fat_inner, wa
     hu[rows[rib], cols[rib]] = bone[rib]
 
 
-def _add_thorax(anatomy, maps: SliceMaps, z: float, hu, zone) -> None:
+def _add_thorax(anatomy: Anatomy, maps: SliceMaps, z: float, hu, zone) -> None:
     """Above the diaphragm: lung, mediastinal fat and heart; the diaphragm itself is muscle."""
     tissue, heart = anatomy.tissue, anatomy.thorax.heart
     cavity = zone == CAVITY

@@ -32,7 +32,7 @@ class Texture:
     """A smooth random field: a (48, 48, 48) float32 lattice read through two (3, 3) rotations."""
 
     lattice: np.ndarray
-    rotations: list
+    rotations: list[np.ndarray]
 
 
 @dataclass(frozen=True)

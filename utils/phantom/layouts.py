@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from utils.labels import ABDOMENCT1K_IDS, ORGAN_IDS, PKU_EXAMPLE_IDS
+from utils.phantom.generate import Phantom
 
 LAYOUTS = ("full", "abdomenct1k", "pku", "totalseg")  # label conventions the phantom can write
 
@@ -23,11 +24,11 @@ def check_layout(layout: str) -> None:
         raise ValueError(f"unknown layout {layout!r}; valid layouts: {', '.join(LAYOUTS)}")
 
 
-def layout_labels(phantom, layout: str) -> np.ndarray:
+def layout_labels(phantom: Phantom, layout: str) -> np.ndarray:
     """The phantom's truth in one source's label convention.
 
     Args:
-        phantom: a :class:`utils.phantom.Phantom`.
+        phantom: a case from :func:`utils.phantom.make_phantom`.
         layout: ``full`` (our ids), ``abdomenct1k`` (1 liver, 2 kidney, 3 spleen, 4 pancreas),
             ``pku`` (``PKU_EXAMPLE_IDS``; spleen and pancreas not annotated) or ``totalseg``
             (TotalSegmentator ids, :data:`TOTALSEG_WRITE_IDS`: colon 20 includes the rectum, femur
@@ -61,7 +62,7 @@ def _lookup(labels: np.ndarray, source_ids: dict) -> np.ndarray:
     return table[labels]
 
 
-def _split_sides(phantom, mask: np.ndarray, paired: dict) -> np.ndarray:
+def _split_sides(phantom: Phantom, mask: np.ndarray, paired: dict) -> np.ndarray:
     """Write each paired organ's left and right ids; ``paired``: {organ: {"left": id, "right": id}}."""
     for organ, ids in paired.items():
         organ_voxels = phantom.labels == ORGAN_IDS[organ]

@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 
 from utils.labels import ORGAN_IDS
+from utils.phantom.anatomy import Anatomy
 from utils.phantom.canvas import AIR_HU, CAVITY, BlobField, Canvas, blob_field, blobs_field, tube_field
 from utils.phantom.intensity import texture_at
+from utils.phantom.placement import Kidney
 from utils.phantom.shapes import Tube
 
 
@@ -19,30 +21,30 @@ def paint_blob_organ(canvas: Canvas, field: BlobField, label: int, hu) -> np.nda
     return inside
 
 
-def _paint_hollow(canvas: Canvas, anatomy, tube: Tube, label: int, wall_mm: float) -> None:
+def _paint_hollow(canvas: Canvas, anatomy: Anatomy, tube: Tube, label: int, wall_mm: float) -> None:
     """A hollow organ: wall, fluid or mottled content, and air in the non-dependent (anterior) part."""
     field = tube_field(canvas, tube.points, tube.radii)
     if field is None:
         return
     region = field.region
-    xi, yi, zi = np.nonzero((field.distance < 1) & (canvas.zone[region.index] == CAVITY))
-    ball = field.nearest[xi, yi, zi]
+    x_index, y_index, z_index = np.nonzero((field.distance < 1) & (canvas.zone[region.index] == CAVITY))
+    ball = field.nearest[x_index, y_index, z_index]
     radius = tube.radii[ball]
-    lumen = field.distance[xi, yi, zi] < 1 - wall_mm / radius
+    lumen = field.distance[x_index, y_index, z_index] < 1 - wall_mm / radius
     hu = tube.fill_hu[ball]
     stool = np.flatnonzero(tube.stool[ball])
     if stool.size:
-        pattern = texture_at(anatomy.texture, region.x[xi[stool]], region.y[yi[stool]], region.z[zi[stool]])
+        pattern = texture_at(anatomy.texture, region.x[x_index[stool]], region.y[y_index[stool]], region.z[z_index[stool]])
         hu[stool] += 25 * pattern
         hu[stool] = np.where(pattern > 1.5, -650.0 + 100 * pattern, hu[stool])  # gas bubbles in stool
-    height = (region.y[yi] - tube.points[ball, 1]) / radius
+    height = (region.y[y_index] - tube.points[ball, 1]) / radius
     hu = np.where(lumen & (height > tube.air_level[ball]), AIR_HU, hu)
     hu = np.where(lumen, hu, anatomy.tissue.muscle - 8)
-    canvas.hu[region.index][xi, yi, zi] = hu
-    canvas.labels[region.index][xi, yi, zi] = label
+    canvas.hu[region.index][x_index, y_index, z_index] = hu
+    canvas.labels[region.index][x_index, y_index, z_index] = label
 
 
-def draw_organs(canvas: Canvas, anatomy) -> None:
+def draw_organs(canvas: Canvas, anatomy: Anatomy) -> None:
     """Small intestine, colon, rectum, bladder, stomach, pancreas, spleen, liver, kidney; then the
     unlabelled gallbladder and prostate."""
     hollow = anatomy.hollow
@@ -64,7 +66,7 @@ def draw_organs(canvas: Canvas, anatomy) -> None:
             paint_blob_organ(canvas, field, 0, value)
 
 
-def _draw_bladder(canvas: Canvas, anatomy) -> None:
+def _draw_bladder(canvas: Canvas, anatomy: Anatomy) -> None:
     bladder, tissue = anatomy.solid.bladder, anatomy.tissue
     field = blobs_field(canvas, [bladder])
     if field is not None:
@@ -73,19 +75,19 @@ def _draw_bladder(canvas: Canvas, anatomy) -> None:
         canvas.hu[field.region.index][wall] = tissue.muscle - 10
 
 
-def _draw_pancreas(canvas: Canvas, anatomy) -> None:
+def _draw_pancreas(canvas: Canvas, anatomy: Anatomy) -> None:
     pancreas, tissue = anatomy.solid.pancreas, anatomy.tissue
     field = tube_field(canvas, pancreas.points, pancreas.radii)
     if field is not None:
         region = field.region
-        xi, yi, zi = np.nonzero((field.distance < 1) & (canvas.zone[region.index] == CAVITY))
-        lobules = texture_at(anatomy.texture, region.x[xi], region.y[yi], region.z[zi])
-        canvas.hu[region.index][xi, yi, zi] = np.where(lobules > 1.2, 0.8 * tissue.pancreas + 0.2 * tissue.fat,
+        x_index, y_index, z_index = np.nonzero((field.distance < 1) & (canvas.zone[region.index] == CAVITY))
+        lobules = texture_at(anatomy.texture, region.x[x_index], region.y[y_index], region.z[z_index])
+        canvas.hu[region.index][x_index, y_index, z_index] = np.where(lobules > 1.2, 0.8 * tissue.pancreas + 0.2 * tissue.fat,
                                                        tissue.pancreas)
-        canvas.labels[region.index][xi, yi, zi] = ORGAN_IDS["pancreas"]
+        canvas.labels[region.index][x_index, y_index, z_index] = ORGAN_IDS["pancreas"]
 
 
-def _draw_spleen(canvas: Canvas, anatomy) -> None:
+def _draw_spleen(canvas: Canvas, anatomy: Anatomy) -> None:
     solid = anatomy.solid
     field = blobs_field(canvas, [solid.spleen])
     if field is not None:
@@ -94,7 +96,7 @@ def _draw_spleen(canvas: Canvas, anatomy) -> None:
         paint_blob_organ(canvas, field, ORGAN_IDS["spleen"], anatomy.tissue.spleen)
 
 
-def _draw_liver(canvas: Canvas, anatomy) -> None:
+def _draw_liver(canvas: Canvas, anatomy: Anatomy) -> None:
     tissue = anatomy.tissue
     field = blobs_field(canvas, anatomy.solid.liver)
     if field is None:
@@ -108,7 +110,7 @@ def _draw_liver(canvas: Canvas, anatomy) -> None:
             canvas.hu[index][inside] = tissue.liver - 12
 
 
-def _draw_kidney(canvas: Canvas, anatomy, kidney) -> None:
+def _draw_kidney(canvas: Canvas, anatomy: Anatomy, kidney: Kidney) -> None:
     """Perirenal fat (inside Gerota's fascia), the kidney, its sinus fat and the renal pelvis (unlabelled)."""
     tissue = anatomy.tissue
     region = canvas.box(*kidney.body.bounds(1.35))

@@ -37,11 +37,11 @@ class Femur:
 
 @dataclass(frozen=True)
 class SolidOrgans:
-    liver: list  # [Blob]: right lobe, left lobe, caudate region
-    liver_vessels: list  # [Tube]: hepatic and portal veins, drawn darker inside the liver
+    liver: list[Blob]  # right lobe, left lobe, caudate region
+    liver_vessels: list[Tube]  # hepatic and portal veins, drawn darker inside the liver
     spleen: Blob
     spleen_hilum: Blob  # cut out of the spleen: its concave hilum
-    kidneys: list  # [Kidney]: right, then left
+    kidneys: list[Kidney]  # right, then left
     bladder: Blob
     prostate: Blob  # unlabelled
     gallbladder: Blob  # unlabelled
@@ -92,9 +92,9 @@ class SacrumProfile:
 
 @dataclass(frozen=True)
 class PelvicBones:
-    femurs: list  # [Femur]: right, then left
-    bone_rods: list  # [Tube] in drawing order: per side trochanter, shaft, pubic rami, ischium
-    femur_rods: list  # [Tube]: the trochanter and shaft tubes of both femurs (also in bone_rods)
+    femurs: list[Femur]  # right, then left
+    bone_rods: list[Tube]  # in drawing order: per side trochanter, shaft, pubic rami, ischium
+    femur_rods: list[Tube]  # the trochanter and shaft tubes of both femurs (also in bone_rods)
     ilium: IliumProfile
     sacrum: SacrumProfile
 
@@ -162,7 +162,8 @@ def sample_hollow_organs(rng: np.random.Generator, sampler: ReferenceSampler, so
                  (duodenum.points, duodenum.radii), (rectum.points, rectum.radii),
                  (solid.bladder.center[None], solid.bladder.radii.max(keepdims=True)),
                  (np.array([kidney.body.center for kidney in solid.kidneys]), np.array([50.0, 50.0])),
-                 (sampler.mm([(0, sampler.spine_y(f), f) for f in np.linspace(0.3, 0.7, 9)]), np.full(9, 30 * scale))]
+                 (sampler.mm([(0, sampler.spine_y(height), height) for height in np.linspace(0.3, 0.7, 9)]),
+                  np.full(9, 30 * scale))]
     small_intestine = small_bowel_walk(rng, sampler, start=duodenum.points[-1], end=colon.points[0],
                                        obstacles=obstacles)
     return HollowOrgans(stomach, duodenum, colon, rectum, small_intestine)
@@ -172,7 +173,7 @@ def _vessel_paths(spine_y) -> list:
     """Reference control points of the aorta, IVC and their branches; ``spine_y(z_fraction)``."""
 
     def along_spine(x, dy, z_fractions, radii):
-        return [(x, spine_y(f) + dy, f, radius) for f, radius in zip(z_fractions, radii)]
+        return [(x, spine_y(height) + dy, height, radius) for height, radius in zip(z_fractions, radii)]
 
     return [
         along_spine(-10, 29, [1.03, 0.9, 0.8, 0.7, 0.6, 0.5, 0.455], [12, 12, 11.5, 11, 10.5, 10, 9.5]),  # aorta
@@ -213,7 +214,7 @@ def _muscle_paths(side: int, spine_y) -> list:
     ]
 
 
-def sample_vessels_and_muscles(sampler: ReferenceSampler) -> tuple[list, list]:
+def sample_vessels_and_muscles(sampler: ReferenceSampler) -> tuple[list[Tube], list[Tube]]:
     """Aorta, IVC and their branches (unlabelled); psoas, back, pelvic and hip muscles: ([Tube], [Tube])."""
     vessels = [spline_tube(sampler.jitter_path(control, xy=1.5, radius=0.05), 3.0)
                for control in _vessel_paths(sampler.spine_y)]

@@ -70,10 +70,10 @@ def spline_tube(control, step: float) -> Tube:
     return Tube(*spline_path(control, step)[:2])
 
 
-def smoothstep(t):
+def smoothstep(ramp):
     """0 below 0, 1 above 1, a smooth cubic ramp between."""
-    t = np.clip(t, 0.0, 1.0)
-    return t * t * (3.0 - 2.0 * t)
+    ramp = np.clip(ramp, 0.0, 1.0)
+    return ramp * ramp * (3.0 - 2.0 * ramp)
 
 
 def as_float32(values) -> np.ndarray:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import numpy as np
 
 from utils.labels import ORGAN_IDS
+from utils.phantom.anatomy import Anatomy
 from utils.phantom.canvas import OUTSIDE, SUBCUTIS, WALL, Canvas, tube_field
 from utils.phantom.intensity import bone_hu
+from utils.phantom.placement import Femur, IliumProfile
 from utils.phantom.shapes import Tube, as_float32, spline_tube
 from utils.phantom.spine import draw_spine
 
@@ -24,7 +26,7 @@ def paint_tube(canvas: Canvas, tube: Tube, hu, min_zone: int, label: int = 0):
     return field
 
 
-def draw_vessels_muscles_bones(canvas: Canvas, anatomy) -> None:
+def draw_vessels_muscles_bones(canvas: Canvas, anatomy: Anatomy) -> None:
     """Muscles, pelvis, vessels, bone rods (femur shafts, pubis, ischium), femur heads, spine."""
     tissue = anatomy.tissue
     for muscle in anatomy.muscles:
@@ -41,7 +43,7 @@ def draw_vessels_muscles_bones(canvas: Canvas, anatomy) -> None:
     draw_spine(canvas, anatomy)
 
 
-def _draw_femur_head(canvas: Canvas, anatomy, femur) -> None:
+def _draw_femur_head(canvas: Canvas, anatomy: Anatomy, femur: Femur) -> None:
     """Acetabular cup (bone, label 0), then the femur head and neck (label femur head)."""
     tissue, radius = anatomy.tissue, femur.radius
     region = canvas.box(femur.head - radius - 14, femur.head + radius + 14)
@@ -65,7 +67,7 @@ def _draw_femur_head(canvas: Canvas, anatomy, femur) -> None:
     canvas.labels[index][head] = label
 
 
-def femur_below_head(canvas: Canvas, anatomy) -> np.ndarray:
+def femur_below_head(canvas: Canvas, anatomy: Anatomy) -> np.ndarray:
     """(X, Y, Z) bool: the femurs' trochanters and shafts as drawn (bone, label 0), below head and neck.
 
     Reads the finished canvas and draws no random numbers, so computing it changes nothing else.
@@ -80,7 +82,7 @@ def femur_below_head(canvas: Canvas, anatomy) -> np.ndarray:
     return mask
 
 
-def _ilium_arc(profile):
+def _ilium_arc(profile: IliumProfile):
     """Per slice, the iliac plate's circular arc: (tangent x, tangent y, chord, normal x, normal y,
     radius, centre x, centre y, cos of the half span), each (nz,) mm."""
     tangent_x = profile.anterior_x - profile.posterior_x
@@ -94,7 +96,7 @@ def _ilium_arc(profile):
     return tangent_x, tangent_y, chord, normal_x, normal_y, radius, center_x, center_y, cos_span
 
 
-def _ilium_region(canvas: Canvas, ilium, side: int):
+def _ilium_region(canvas: Canvas, ilium: IliumProfile, side: int):
     """The box around one iliac wing with its iliacus and gluteal muscle, or None."""
     reach = ilium.thickness.max() / 2 + 35  # plate, iliacus and gluteal muscle around the arc
     lateral = (min(ilium.posterior_x.min(), ilium.anterior_x.min()) - reach,
@@ -105,7 +107,7 @@ def _ilium_region(canvas: Canvas, ilium, side: int):
     return canvas.box([x_range[0], y_range[0], ilium.z[0]], [x_range[1], y_range[1], ilium.z[-1]])
 
 
-def _draw_ilium(canvas: Canvas, anatomy, side: int) -> None:
+def _draw_ilium(canvas: Canvas, anatomy: Anatomy, side: int) -> None:
     """One iliac wing: per slice, a plate along a circular arc whose ends and bulge follow the ilium profile."""
     ilium, tissue = anatomy.pelvis.ilium, anatomy.tissue
     region = _ilium_region(canvas, ilium, side)
@@ -139,7 +141,7 @@ def _draw_ilium(canvas: Canvas, anatomy, side: int) -> None:
     canvas.labels[index][plate] = 0
 
 
-def _draw_sacrum(canvas: Canvas, anatomy) -> None:
+def _draw_sacrum(canvas: Canvas, anatomy: Anatomy) -> None:
     """Sacrum and coccyx: per slice a wide, thin-winged bar with the sacral canal."""
     sacrum, scale, tissue = anatomy.pelvis.sacrum, anatomy.scale, anatomy.tissue
     region = canvas.box([-80 * scale.x, -150, sacrum.z[0]], [80 * scale.x, 0, sacrum.z[-1]])

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from utils.labels import ORGAN_IDS
+from utils.phantom.anatomy import Anatomy
 from utils.phantom.canvas import OUTSIDE, WALL, Canvas
 from utils.phantom.shapes import as_float32, smoothstep
 
@@ -29,7 +30,7 @@ class _Vertebrae:
     phase: np.ndarray
 
 
-def _vertebrae(anatomy, z) -> _Vertebrae:
+def _vertebrae(anatomy: Anatomy, z) -> _Vertebrae:
     spine, scale = anatomy.spine, anatomy.scale.mean
     z_fraction = z / anatomy.body.length
     body_y = as_float32(np.interp(z, spine.z, spine.y))
@@ -43,7 +44,7 @@ def _vertebrae(anatomy, z) -> _Vertebrae:
                       above_sacrum=above_sacrum, disc=above_sacrum & (phase < 0.22), phase=phase)
 
 
-def draw_spine(canvas: Canvas, anatomy) -> None:
+def draw_spine(canvas: Canvas, anatomy: Anatomy) -> None:
     """Paraspinal muscles, vertebrae above the sacrum, the canal, and the spinal cord (labelled)."""
     scale, tissue = anatomy.scale.mean, anatomy.tissue
     region = canvas.box([-60 * scale, anatomy.spine.y.min() - 90 * scale, 0],
