@@ -58,7 +58,7 @@ from training.checkpoint import (FORMAT, label_scheme, load_checkpoint, model_fr
                                  save_checkpoint)
 from training.config import TrainConfig  # noqa: E402
 from training.predict import CPU_MAX_BATCH, predict_files  # noqa: E402
-from training.train import select_amp, select_device  # noqa: E402
+from training.runtime import autocast_context, select_amp, select_device  # noqa: E402
 from utils.phantom import make_phantom  # noqa: E402
 from utils.geometry import PreprocessParams  # noqa: E402
 from utils.volume_io import save_volume  # noqa: E402
@@ -129,8 +129,7 @@ def model_only(device: str, seconds: float) -> dict:
     amp_dtype = select_amp(device, cfg.amp)
     batch_size = CPU_MAX_BATCH if device.type == "cpu" else 256
     batch = torch.rand(batch_size, 1, *TARGET_SIZE, device=device).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                                                enabled=amp_dtype is not None):
+    with torch.inference_mode(), autocast_context(device, amp_dtype):
         for _ in range(3):
             model(batch)
         _synchronize(device)

@@ -5,7 +5,7 @@ Issue: "the loader at least 3x faster than the training step, so the model never
 Measured side by side in one run, on a preprocessed phantom set (256 x 256 slices):
 
 loader   everything the model waits on, without the model: the real training loader
-         (``training.train.make_loaders``: ``SliceDataset`` + ``DataLoader`` with the configured
+         (``training.loaders.make_loaders``: ``SliceDataset`` + ``DataLoader`` with the configured
          ``num_workers`` and batch 16), then ``batch_to_device`` and ``augment_batch`` on the
          training device. With ``--resident``: the config's ``resident=True`` (the whole set held
          on the device, batches gathered there, no DataLoader) instead of the DataLoader.
@@ -48,11 +48,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import torch  # noqa: E402
 
 from training.config import TrainConfig  # noqa: E402
-from training.train import (build_datasets, build_optimizer, make_loaders, prepare_model,  # noqa: E402
-                            setup_runtime, train_one_epoch, wrap_model)
+from training.loaders import build_datasets, make_loaders  # noqa: E402
+from training.runtime import make_grad_scaler, prepare_model, setup_runtime, wrap_model  # noqa: E402
+from training.train import build_optimizer, loss_from_config, train_one_epoch  # noqa: E402
 from utils.augment import AugmentParams, augment_batch  # noqa: E402
 from utils.dataset import batch_to_device, load_and_pair_files  # noqa: E402
-from utils.losses import build_loss  # noqa: E402
 from utils.phantom.sets import preprocess_phantoms  # noqa: E402
 from utils.preprocess_data import PreprocessParams  # noqa: E402
 
@@ -103,11 +103,9 @@ def measure_loader(cfg: TrainConfig, rt, data: Path, warmup: int, steps: int) ->
 def training_parts(cfg: TrainConfig, rt):
     """Model (wrapped as fit wraps it), loss, optimizer and scaler, as ``fit`` builds them."""
     model = wrap_model(prepare_model(cfg, rt), cfg, rt)
-    loss_fn = build_loss(cfg.loss, num_classes=cfg.num_classes, class_weights=cfg.class_weights,
-                         sigma=cfg.sigma, alpha=cfg.alpha, marginal=cfg.marginal,
-                         exclusion_weight=cfg.exclusion_weight)
+    loss_fn = loss_from_config(cfg)
     optimizer = build_optimizer(cfg, model)
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
+    scaler = make_grad_scaler(rt.device, rt.amp_dtype)
     return model, loss_fn, optimizer, scaler
 
 

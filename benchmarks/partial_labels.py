@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.config import TrainConfig  # noqa: E402
+from training.config import TrainConfig, with_partial_labels  # noqa: E402
 from training.demo import DEMO, TRAIN as DEMO_TRAIN  # noqa: E402
 from training.evaluate import boldness_report, evaluate_folders  # noqa: E402
 from training.predict import predict_files  # noqa: E402
@@ -38,15 +38,11 @@ from utils.phantom import write_phantom_dataset  # noqa: E402
 from utils.preprocess_data import PreprocessParams, preprocess_dataset  # noqa: E402
 
 SOURCES = ("pku", "abdomenct1k")
-METHODS = {
-    "seed_way": {"marginal": False, "exclusion_weight": 0.0},
-    "marginal": {"marginal": True, "exclusion_weight": 1.0},
-    "full": {"marginal": False, "exclusion_weight": 0.0},
-}
+METHODS = {"seed_way": "seed_way", "marginal": "marginal", "full": "seed_way"}  # PARTIAL_LABEL_PRESETS
 # the demo's phantoms, model and loss (training/demo.py), with a budget that fits three runs
 # in 25 minutes on a 2-core CPU; each method sets its own partial-label switches
 SETTINGS = {**DEMO, "heldout_cases": 4}
-TRAIN = DEMO_TRAIN.replace(epochs=30, marginal=False, exclusion_weight=0.0)
+TRAIN = with_partial_labels(DEMO_TRAIN.replace(epochs=30), "seed_way")
 QUICK_SETTINGS = {"cases_per_source": 2, "heldout_cases": 1, "phantom_size": 64, "phantom_slices": 12,
                   "target_size": 32}
 QUICK_TRAIN = {"features": [4, 8], "epochs": 1, "steps_per_epoch": 2, "batch_size": 4, "val_max_slices": 4}
@@ -85,7 +81,7 @@ def run_method(name: str, cfg: TrainConfig, data: list[Path], root: Path) -> dic
     """Train one way, predict and score the held-out phantoms."""
     run, heldout = root / "runs" / name, root / "raw" / "heldout"
     started = time.perf_counter()
-    fit(cfg.replace(**METHODS[name]), data, run, overwrite=True, progress=False)
+    fit(with_partial_labels(cfg, METHODS[name]), data, run, overwrite=True, progress=False)
     predict_files(run / "checkpoints" / "last.pt", heldout / "Image", root / "pred" / name, progress=False)
     scores = evaluate_folders(root / "pred" / name, heldout / "Mask", "full", root / "eval" / name, progress=False)
     bold = boldness_report(root / "pred" / name, heldout / "Mask", trained_by())

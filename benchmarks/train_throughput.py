@@ -60,10 +60,11 @@ from torch import nn  # noqa: E402
 from network.unet import fold_batchnorm  # noqa: E402
 from training.checkpoint import build_model  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
-from training.train import (Runtime, build_datasets, build_optimizer, make_loaders, prepare_model,  # noqa: E402
-                            select_device, setup_runtime, train_one_epoch, wrap_model)
+from training.loaders import build_datasets, make_loaders  # noqa: E402
+from training.runtime import (Runtime, make_grad_scaler, prepare_model, select_device,  # noqa: E402
+                              setup_runtime, wrap_model)
+from training.train import build_optimizer, loss_from_config, train_one_epoch  # noqa: E402
 from utils.dataset import batch_to_device, load_and_pair_files  # noqa: E402
-from utils.losses import build_loss  # noqa: E402
 from utils.phantom.sets import preprocess_phantoms  # noqa: E402
 from utils.preprocess_data import PreprocessParams  # noqa: E402
 
@@ -165,11 +166,9 @@ def measure_training(cfg: TrainConfig, rt: Runtime, data: Path, warmup: int, ste
     cfg = cfg.replace(steps_per_epoch=warmup + steps)
     module = prepare_model(cfg, rt)
     model = wrap_model(module, cfg, rt)
-    loss_fn = build_loss(cfg.loss, num_classes=cfg.num_classes, class_weights=cfg.class_weights,
-                         sigma=cfg.sigma, alpha=cfg.alpha, marginal=cfg.marginal,
-                         exclusion_weight=cfg.exclusion_weight)
+    loss_fn = loss_from_config(cfg)
     optimizer = build_optimizer(cfg, model)
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
+    scaler = make_grad_scaler(rt.device, rt.amp_dtype)
     train_set, val_set = build_datasets(cfg, load_and_pair_files(data))
     loader, _ = make_loaders(cfg, train_set, val_set, rt, epoch=0)
     timed = TimedLoader(loader, warmup, rt.device)

@@ -107,9 +107,9 @@ def test_intensity_levels_are_discrete():
 
 
 def test_from_config_picks_the_same_named_fields():
-    cfg = TrainConfig(rot90_p=0.25, scale_range=(0.8, 1.2), noise_std=0.0)
+    cfg = TrainConfig().replace(**{"augment.rot90_p": 0.25, "augment.scale_range": [0.8, 1.2], "noise_std": 0.0})
     params = AugmentParams.from_config(cfg)
     assert params.rot90_p == 0.25 and params.scale_range == (0.8, 1.2) and params.noise_std == 0.0
-    assert params.num_brightness_variations == cfg.num_brightness_variations
+    assert params == cfg.augment and params.num_brightness_variations == 4
     with pytest.raises(ValueError, match="scale_range"):
         AugmentParams(scale_range=(1.2, 0.8))

@@ -15,7 +15,9 @@ import torch
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.config import TrainConfig
 import training.train as train_module
-from training.train import epoch_batches, fit, keep_freed_cpu_memory
+from training.loaders import epoch_batches
+from training.runtime import keep_freed_cpu_memory
+from training.train import fit
 from utils.losses import WeightedCELoss
 
 REPO = Path(__file__).resolve().parents[1]

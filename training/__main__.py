@@ -137,7 +137,8 @@ def run_preprocess(args) -> int:
 
 def run_train(args) -> int:
     from training.config import TrainConfig, load_config
-    from training.train import fit, load_resume_state
+    from training.run_folder import load_resume_state
+    from training.train import fit
     assignments = list(args.set) + ([f"wandb={args.wandb}"] if args.wandb else [])
     # a resumed run keeps its own config; --set may still change fields such as epochs
     base = TrainConfig.from_dict(load_resume_state(args.out)["config"]) if args.resume else None

@@ -20,6 +20,7 @@ import zipfile
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from network.unet import UNet
 from training.config import TrainConfig
@@ -141,3 +142,36 @@ def model_from_checkpoint(state: dict) -> tuple[UNet, TrainConfig, PreprocessPar
     model.load_state_dict(state["model"])
     model.eval()
     return model, cfg, PreprocessParams.from_dict(state["preprocess"])
+
+
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The U-Net inside DDP, ``torch.compile`` and the compile fallback wrappers."""
+    while True:
+        inner = getattr(model, "eager", None) or getattr(model, "_orig_mod", None)
+        if isinstance(model, DistributedDataParallel):
+            inner = model.module
+        if inner is None:
+            return model
+        model = inner
+
+
+def checkpoint_state(model, optimizer, scheduler, scaler, cfg: TrainConfig, params: PreprocessParams,
+                     trained_by: dict, epoch: int, step_in_epoch: int, best: float, history: list) -> dict:
+    """What a checkpoint holds (see the module docstring): enough to predict and to resume exactly."""
+    return {
+        "format": FORMAT, "model": unwrapped(model).state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+        "step_in_epoch": step_in_epoch, "rng": {"torch": torch.get_rng_state()},
+        "config": cfg.to_dict(), "preprocess": params.to_dict(), "labels": label_scheme(),
+        "trained_by": trained_by, "best_metric": best, "history": history,
+    }
+
+
+def restore_training_state(state: dict, model, optimizer, scheduler, scaler) -> tuple[int, int, float, list]:
+    """Load a resume checkpoint into the training objects; returns (epoch, step_in_epoch, best, history)."""
+    unwrapped(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    return state["epoch"], state["step_in_epoch"], state["best_metric"], state["history"]

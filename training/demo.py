@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from training.config import TrainConfig
+from utils.augment import AugmentParams
 from training.evaluate import evaluate_folders
 from training.predict import predict_files
 from training.train import fit
@@ -38,7 +39,7 @@ DEMO = {
 TRAIN = TrainConfig(
     features=(16, 32, 64, 128), loss="dice_ce", epochs=40, batch_size=16, lr=3e-3,
     scheduler="cosine", marginal=True, exclusion_weight=1.0, steps_per_epoch=40,
-    val_fraction=0.15, val_max_slices=64, num_workers=0, rotate_deg=8.0, seed=0,
+    val_fraction=0.15, val_max_slices=64, num_workers=0, augment=AugmentParams(rotate_deg=8.0), seed=0,
 )
 QUICK = {"cases_per_source": 2, "heldout_cases": 1, "phantom_size": 96, "phantom_slices": 16,
          "target_size": 64, "features": [4, 8], "epochs": 1, "steps_per_epoch": 2, "batch_size": 4,

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from network.unet import fold_batchnorm
 from training.checkpoint import load_checkpoint, model_from_checkpoint
-from training.train import select_amp, select_device
+from training.runtime import autocast_context, select_amp, select_device
 from utils.errors import UserError
 from utils.labels import COLORS, DISPLAY_NAMES, NUM_CLASSES, ORGANS, LabelSource, get_source
 from utils.case_files import case_id_from_path, nifti_files
@@ -99,7 +99,7 @@ def generate_predictions(model: torch.nn.Module, ct_data, device, batch_size: in
         ct_data: ``(H, W, Z)`` float in [0, 1] (numpy or tensor), as from
             :func:`load_and_preprocess_ct_data`.
         batch_size: slices per model call (at most ``CPU_MAX_BATCH`` on CPU).
-        amp_dtype: autocast dtype (``training.train.select_amp``), None for fp32.
+        amp_dtype: autocast dtype (``training.runtime.select_amp``), None for fp32.
 
     Returns:
         ``(H, W, Z)`` uint8 class ids on the preprocessed grid.
@@ -222,7 +222,7 @@ def _logits_in_batches(model, image: torch.Tensor, scale: float, device: torch.d
         batch_size = min(batch_size, CPU_MAX_BATCH)
     num_slices = image.shape[0]
     offsets = torch.arange(-(in_channels // 2), in_channels // 2 + 1, device=image.device)
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+    autocast = autocast_context(device, amp_dtype)
     for start in range(0, num_slices, batch_size):
         slices = torch.arange(start, min(start + batch_size, num_slices), device=image.device)
         channels = (slices[:, None] + offsets).clamp_(0, num_slices - 1)  # (n, C) edges repeated

@@ -24,6 +24,9 @@ _ROT90 = ((1.0, 0.0, 0.0, 1.0), (0.0, -1.0, 1.0, 0.0), (-1.0, 0.0, 0.0, -1.0), (
 
 @dataclass(frozen=True)
 class AugmentParams:
+    """Augmentation settings; ``TrainConfig.augment`` holds one (``--set augment.rotate_deg=5``)."""
+
+    enabled: bool = True                # False: training sees the slices unchanged
     rot90_p: float = 0.0                # probability of a right-angle rotation (k uniform in 1..3)
     flip_p: float = 0.0                 # probability of mirroring the rows (the X axis: left <-> right)
     rotate_deg: float = 10.0            # small rotation, uniform in +-rotate_deg degrees
@@ -44,7 +47,10 @@ class AugmentParams:
 
     @classmethod
     def from_config(cls, cfg) -> "AugmentParams":
-        """The same-named fields of any object (the TrainConfig); missing ones keep defaults."""
+        """A config's augmentation settings: its ``augment`` when that is an AugmentParams (the
+        TrainConfig), else its same-named fields (missing ones keep defaults)."""
+        if isinstance(getattr(cfg, "augment", None), cls):
+            return cfg.augment
         return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls) if hasattr(cfg, f.name)})
 
     @property
@@ -91,9 +97,11 @@ def augment_batch(image: torch.Tensor, label: torch.Tensor, distance: torch.Tens
 
     Returns:
         ``(image, label, distance)``, same shapes and dtypes; the inputs unchanged when `params`
-        are neutral.
+        are neutral or not ``enabled``.
     """
     batch, channels, height, width = image.shape
+    if not params.enabled:
+        return image, label, distance
     if params.geometric:
         theta, zoom = random_affine(batch, height, width, params, generator)
         grid = F.affine_grid(theta.to(image.dtype), [batch, 1, height, width], align_corners=False)
