@@ -3,6 +3,9 @@
 Tests that need the real CT files in ``../shared/data`` use the ``shared_data`` fixture: it
 skips with a clear reason when the folder is absent, and fails instead when
 ``ABDOSEG_REQUIRE_DATA=1`` (set by ``.ci/run``), so CI can never pass by skipping them.
+
+Tests marked ``slow`` (whole training runs in subprocesses, notebooks, benchmarks, torchrun)
+are left out by ``pytest -m "not slow"``, the quick subset for the edit-test loop.
 """
 
 import os
@@ -12,6 +15,10 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("ABDOSEG_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a long test (minutes on 2 cores); deselect with -m 'not slow'")
 
 
 @pytest.fixture(scope="session")

@@ -261,12 +261,24 @@ def test_memory_is_one_chunk_not_the_whole_volume(monkeypatch):
     assert (labels[30:60, 40:90, 20:120] == LIVER).all() and (labels == LIVER).sum() == 30 * 50 * 100
 
 
-def test_bf16_autocast_predicts_like_fp32():
+def test_bf16_autocast_runs_in_bf16_and_predicts_like_fp32():
+    """A real (conv) U-Net, whose output autocast does change: the bf16 path must compute in
+    bf16 (its logits differ from fp32 and come out of the model as bf16) and agree within tolerance."""
     torch.manual_seed(0)
+    model = UNet(features=(4, 8)).eval()
+    seen = {}
+    model.register_forward_hook(lambda module, inputs, output: seen.setdefault(output.dtype, []).append(
+        output.detach().float().clone()))
     hu = synthetic_ct((48, 40, 3), (slice(10, 20), slice(10, 20), slice(0, 3)))
     volume = Volume(hu, (1.0, 1.0, 1.0), np.eye(4), np.eye(4), hu.shape, "x")
+    params = PreprocessParams(target_size=(32, 32))
+    labels32, probabilities32 = predict_volume_with_probabilities(model, volume, params)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # CPUs without native bf16 may warn
-        labels = predict_volume(BrightIsLiver(), volume, PreprocessParams(target_size=(32, 32)),
-                                amp_dtype=torch.bfloat16)
-    assert np.array_equal(labels, predict_volume(BrightIsLiver(), volume, PreprocessParams(target_size=(32, 32))))
+        labels16, probabilities16 = predict_volume_with_probabilities(model, volume, params, amp_dtype=torch.bfloat16)
+    assert set(seen) == {torch.float32, torch.bfloat16}  # the bf16 run's logits really were bf16
+    fp32_logits, bf16_logits = torch.cat(seen[torch.float32]), torch.cat(seen[torch.bfloat16])
+    difference = (fp32_logits - bf16_logits).abs()
+    assert 0 < difference.max() < 0.05 * fp32_logits.abs().max()  # changed, but only by rounding
+    assert np.abs(probabilities32.astype(int) - probabilities16.astype(int)).max() <= 8  # of 255
+    assert (labels32 == labels16).mean() > 0.95
