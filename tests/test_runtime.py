@@ -2,7 +2,9 @@
 process-wide settings restored, and the torch.compile fallback."""
 
 import ctypes
+import os
 import platform
+import signal
 
 import pytest
 import torch
@@ -10,9 +12,9 @@ from torch import nn
 
 import training.runtime as runtime
 from training.config import TrainConfig
-from training.runtime import (Runtime, autocast_context, cpu_memory_is_kept, keep_freed_cpu_memory,
-                              make_grad_scaler, release_freed_cpu_memory, restored_process_settings, select_amp,
-                              wrap_model)
+from training.runtime import (Runtime, autocast_context, cpu_memory_is_kept, graceful_interrupts,
+                              keep_freed_cpu_memory, make_grad_scaler, release_freed_cpu_memory, restored_process_settings, select_amp,
+                              stop_requested, wrap_model)
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 BF16, FP16 = torch.bfloat16, torch.float16
@@ -123,3 +125,14 @@ def test_compile_failure_at_the_first_forward_falls_back_to_eager(monkeypatch, c
     assert compiled[0].calls == 1  # tried once, then eager for good
     assert "torch.compile failed (RuntimeError: InductorError" in capsys.readouterr().out
     assert wrap_model(model, TrainConfig(compile=False), Runtime(CPU, None)) is model
+
+
+def test_sigterm_is_noted_then_a_second_one_interrupts():
+    previous = signal.getsignal(signal.SIGTERM)
+    with graceful_interrupts():
+        assert not stop_requested()
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before kill returns (same thread)
+        assert stop_requested()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert not stop_requested() and signal.getsignal(signal.SIGTERM) is previous

@@ -28,6 +28,7 @@ from training.sync_batchnorm import convert_sync_batchnorm
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # <malloc.h>
 GLIBC_DEFAULTS = {M_TRIM_THRESHOLD: 128 * 1024, M_MMAP_MAX: 65536}  # mallopt(3)
 _allocator = {"kept": False}  # whether keep_freed_cpu_memory is in force (glibc has no getter)
+_stop = {"requested": False}   # set by graceful_interrupts' signal handler
 
 
 @dataclass
@@ -283,17 +284,33 @@ def finish_runtime(rt: Runtime) -> None:
         dist.barrier(device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
 
 
+def stop_requested() -> bool:
+    """Whether SIGTERM or Ctrl-C arrived inside :func:`graceful_interrupts` (checked between steps)."""
+    return _stop["requested"]
+
+
 @contextlib.contextmanager
 def graceful_interrupts():
-    """Treat SIGTERM (what schedulers send before killing a job) like Ctrl-C."""
+    """SIGTERM (what schedulers send before killing a job) and Ctrl-C stop training cleanly.
+
+    The first signal only notes the request; ``train_one_epoch`` raises KeyboardInterrupt at
+    the next step boundary, so the position saved in last.pt is exact (a KeyboardInterrupt in
+    the middle of an optimizer step would leave half-updated weights and a step counted wrong).
+    A second signal interrupts at once.
+    """
     def handler(signum, frame):
-        raise KeyboardInterrupt
+        if _stop["requested"]:
+            raise KeyboardInterrupt
+        _stop["requested"] = True
+    _stop["requested"] = False
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
+        previous = {number: signal.signal(number, handler) for number in (signal.SIGTERM, signal.SIGINT)}
     except ValueError:  # not the main thread: leave signals alone
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler_before in previous.items():
+            signal.signal(number, handler_before)
+        _stop["requested"] = False

@@ -32,7 +32,7 @@ from training.loaders import build_datasets, data_summary, load_cases, make_load
 from training.run_folder import load_resume_state, prepare_run_folder, report_epoch, start_wandb, write_log
 from training.runtime import (Runtime, broadcast_buffers, finish_runtime, graceful_interrupts, main_process_first,
                               make_grad_scaler, prepare_model, reduce_mean, restored_process_settings,
-                              setup_runtime, wrap_model)
+                              setup_runtime, stop_requested, wrap_model)
 from utils.augment import augment_batch
 from utils.dataset import batch_to_device
 from utils.labels import ORGANS
@@ -84,6 +84,8 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scaler, cfg: TrainConfig,
                total=start_step + len(loader), disable=not (progress and rt.is_main), leave=False)
     try:
         for batch in bar:
+            if stop_requested():  # SIGTERM or Ctrl-C: stop between steps, never inside one
+                raise KeyboardInterrupt
             batch = batch_to_device(batch, rt.device, channels_last=cfg.channels_last)
             image, label, distance = batch["image"], batch["label"], batch["distance"]
             if cfg.augment.enabled:
