@@ -3,10 +3,13 @@
 import json
 import math
 
+import pytest
+
 from training.__main__ import main
 from utils.labels import ORGANS
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end_and_writes_its_summary(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--quick"]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())

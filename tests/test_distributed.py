@@ -18,6 +18,8 @@ from training.checkpoint import build_model, load_checkpoint
 from training.config import TrainConfig
 from training.sync_batchnorm import CPUSyncBatchNorm, convert_sync_batchnorm
 
+pytestmark = pytest.mark.slow  # torchrun subprocesses
+
 REPO = Path(__file__).resolve().parents[1]
 RUN_FILES = {"config.json", "log.csv", "curves.png", "checkpoints/last.pt", "checkpoints/best.pt"}
 # Global batch 4 (2 per process), 4 steps of which every second one syncs (accumulation under

@@ -12,8 +12,8 @@ from torch import nn
 
 import training.runtime as runtime
 from training.config import TrainConfig
-from training.runtime import (Runtime, autocast_context, cpu_memory_is_kept, graceful_interrupts,
-                              keep_freed_cpu_memory, make_grad_scaler, release_freed_cpu_memory, restored_process_settings, select_amp,
+from training.runtime import (Runtime, autocast_context, cpu_memory_is_kept, graceful_interrupts, keep_freed_cpu_memory,
+                              make_grad_scaler, release_freed_cpu_memory, restored_process_settings, select_amp,
                               stop_requested, wrap_model)
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
