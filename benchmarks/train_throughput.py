@@ -287,7 +287,7 @@ def main(argv=None) -> dict:
         "device": str(device),
         "speedup_vs_plain_fp32": round(fast_train / plain["train"], 2) if plain else None,
         "fast_settings": {"amp_dtype": str(rt.amp_dtype), "channels_last": fast_cfg.channels_last,
-                          "compile": compile_fast, "augment": fast_cfg.augment,
+                          "compile": compile_fast, "augment": fast_cfg.augment.enabled,
                           "cpu_keep_freed_memory": device.type == "cpu" and fast_cfg.cpu_keep_freed_memory,
                           "fold_batchnorm_inference": True},
         "batch_size": batch_size, "infer_batch_size": sizes["infer_batch"], "image_size": sizes["size"],
