@@ -291,6 +291,7 @@ def test_second_run_in_the_same_folder_is_refused(pre, run, capsys):
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.slow
 def test_second_run_is_allowed_with_resume_or_overwrite(pre, run, tmp_path, capsys):
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
@@ -420,6 +421,7 @@ def test_manifest_pointing_outside_its_folder_is_refused(folder, pre, tmp_path, 
 
 # ----------------------------------------------------------------------------- 10. --debug
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback(tmp_path):
     """A real process: without --debug one line and exit 2; with it the traceback (exit 1)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -450,6 +452,7 @@ REFUSED_ROBUSTNESS = {  # file -> words of its reason
 }
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*(oblique|no orientation in the header).*:UserWarning")
 def test_every_robustness_file_is_predicted_or_refused_by_name(shared_data, checkpoint, tmp_path, capsys):
     robustness = shared_data / "robustness"
@@ -486,6 +489,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_sigkill_during_preprocessing_loses_no_finished_case(raw, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     out = tmp_path / "pre"

@@ -69,6 +69,7 @@ def slice_axis(affine) -> int:
 
 # --------------------------------------------------------------------------- real files
 
+@pytest.mark.slow
 def test_outputs_keep_the_input_grid_on_real_files(shared_data, tiny_checkpoint, tmp_path):
     derived = shared_data / "robustness" / "derived"
     real = shared_data / "real" / "totalseg_example" / "example_ct.nii.gz"
@@ -232,6 +233,7 @@ def test_refuses_to_write_into_the_input_folder(tiny_checkpoint, tmp_path):
         predict_files(tiny_checkpoint, tmp_path / "empty", tmp_path / "out", progress=False)
 
 
+@pytest.mark.slow
 def test_memory_is_one_chunk_not_the_whole_volume(monkeypatch):
     # 128 x 128 x 200: whole-volume float32 logits would be 12 * 128 * 128 * 200 * 4 = 157 MB
     hu = synthetic_ct((128, 128, 200), (slice(30, 60), slice(40, 90), slice(20, 120)))

@@ -132,6 +132,7 @@ def test_bad_case_is_recorded_and_the_rest_completes(shared_data, tmp_path):
 
 # --------------------------------------------------------------------------- synthetic files
 
+@pytest.mark.slow
 def test_bad_masks_fail_per_case_in_parallel(tmp_path):
     images, masks = tmp_path / "images", tmp_path / "masks"
     write_ct_case(images, masks, "good", blob_mask())

@@ -125,6 +125,7 @@ def test_default_model_size():
     assert sum(p.numel() for p in model.parameters()) == expected
 
 
+@pytest.mark.slow
 def test_overfits_one_batch():
     torch.manual_seed(0)
     image = torch.randn(2, 1, 16, 16)
