@@ -14,15 +14,14 @@ import torch
 
 from training.config import TrainConfig
 from training.runtime import Runtime
-from utils.dataset import SliceDataset, load_and_pair_files, resident_batch, split_cases
+from utils.dataset import SliceDataset, resident_batch, split_cases
+from utils.geometry import PreprocessParams
 from utils.labels import ORGANS
-from utils.preprocess_data import PreprocessParams
 
 
-def load_cases(data_dirs) -> tuple[list[Path], list[dict]]:
-    """The preprocessed folders as paths (one path or several) and their cases, manifests read once."""
-    data_dirs = [Path(d) for d in ([data_dirs] if isinstance(data_dirs, (str, Path)) else data_dirs)]
-    return data_dirs, load_and_pair_files(data_dirs)
+def folder_list(data_dirs) -> list[Path]:
+    """One preprocessed folder or several, as a list of paths."""
+    return [Path(d) for d in ([data_dirs] if isinstance(data_dirs, (str, Path)) else data_dirs)]
 
 
 def epoch_batches(num_items: int, cfg: TrainConfig, epoch: int, rank: int = 0,
@@ -45,7 +44,7 @@ def epoch_batches(num_items: int, cfg: TrainConfig, epoch: int, rank: int = 0,
 
 
 def build_datasets(cfg: TrainConfig, cases: list[dict]) -> tuple[SliceDataset, SliceDataset]:
-    """Training and validation slices of `load_and_pair_files` cases, split by case (never by slice)."""
+    """Training and validation slices of ``utils.dataset.load_cases`` cases, split by case (never by slice)."""
     train_cases, val_cases = split_cases(cases, cfg.val_fraction, cfg.seed)
     return (SliceDataset(train_cases, in_channels=cfg.in_channels),
             SliceDataset(val_cases, in_channels=cfg.in_channels))

@@ -28,13 +28,13 @@ from tqdm.auto import tqdm
 
 from training.checkpoint import checkpoint_state, restore_training_state, save_checkpoint
 from training.config import TrainConfig
-from training.loaders import build_datasets, data_summary, load_cases, make_loaders
+from training.loaders import build_datasets, data_summary, folder_list, make_loaders
 from training.run_folder import load_resume_state, prepare_run_folder, report_epoch, start_wandb, write_log
 from training.runtime import (Runtime, broadcast_buffers, finish_runtime, graceful_interrupts, main_process_first,
                               make_grad_scaler, prepare_model, reduce_mean, restored_process_settings,
                               setup_runtime, stop_requested, wrap_model)
 from utils.augment import augment_batch
-from utils.dataset import batch_to_device
+from utils.dataset import batch_to_device, load_cases
 from utils.labels import ORGANS
 from utils.losses import build_loss
 from utils.metrics import SliceMetrics
@@ -176,7 +176,8 @@ def fit_in_runtime(cfg: TrainConfig, data_dirs, out_dir, rt: Runtime, resume: bo
                    overwrite: bool = False, progress: bool = True) -> dict:
     """`fit` on a runtime already set up: this process's part of the run."""
     out_dir = Path(out_dir)
-    data_dirs, cases = load_cases(data_dirs)
+    data_dirs = folder_list(data_dirs)
+    cases = load_cases(data_dirs)  # read the manifests once
     params, trained_by = data_summary(cases, data_dirs)
     wandb_run = None
     with main_process_first(rt):
