@@ -113,20 +113,7 @@ def test_training_curves_from_csv_strings(tmp_path):
     assert len(viz.training_curves([{k: v for k, v in r.items() if k != "lr"} for r in rows]).axes) == 2
 
 
-def test_interactive_viewer_slider_and_toggle():
-    widgets = pytest.importorskip("ipywidgets")
-    ct, pred, gt = _synthetic_case()
-    viewer = viz.create_interactive_visualization(ct, gt, pred, num_classes=12)
-    assert isinstance(viewer, widgets.Widget)
-    slider, toggle = viewer.children[0].children
-    image = viewer.children[1]
-    assert isinstance(slider, widgets.IntSlider) and (slider.min, slider.max) == (0, ct.shape[2] - 1)
-    first = image.value
-    slider.value = 0
-    assert image.value != first and image.value[:4] == b"\x89PNG"
-    for option in toggle.options:
-        toggle.value = option
-    gt_only = viz.create_interactive_visualization(ct, gt, None)
-    assert gt_only.children[0].children[1].options == ("ground truth",)
-    with pytest.raises(ValueError, match="shape"):
-        viz.create_interactive_visualization(ct, gt[:-1], pred)
+def test_seed_viewer_import_path_still_works():
+    from training.viewer import create_interactive_visualization
+
+    assert viz.create_interactive_visualization is create_interactive_visualization

@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from training.report import write_report
 from training.visualization import dice_bar_chart, save_figure
 from utils.case_files import match_cases, nifti_files
 from utils.errors import UserError
@@ -171,6 +172,7 @@ def evaluate_folders(pred_dir, gt_dir, source: str, out_dir, label_map=None, tol
     summary = {"source": source, **summarize(rows, tolerance_mm), "case_ids": scored,
                "missing_predictions": missing, "failed": failed}
     write_outputs(rows, summary, out_dir)
+    write_report(out_dir, rows, summary, pairs, label_source)
     return summary
 
 

@@ -1,12 +1,15 @@
-"""Pictures of CT slices, labels and results: pure functions returning arrays or figures, and a
-thin ipywidgets viewer on top.
+"""Static pictures of CT slices, labels and results: pure functions returning arrays or figures.
+
+The interactive three-plane viewer is ``training/viewer.py``; its seed-era entry point
+``create_interactive_visualization`` is re-exported here so ``from training.visualization import
+create_interactive_visualization`` keeps working.
 
 Orientation. Volumes arrive as canonical RAS+ ``(X, Y, Z)`` arrays (``utils/volume_io``): +X points
 to the patient's right, +Y to anterior, +Z to superior, and an axial slice is ``data[:, :, z]``,
 an ``(X, Y)`` array. :func:`to_display` turns such a slice into ``(rows, cols)`` in the
 radiological convention (as seen from the feet: patient's right on the image's left, anterior at
 the top). :func:`overlay` works on display arrays of any orientation; the functions that take
-slices or volumes (:func:`slice_figure`, :func:`slice_grid`, the viewer) call :func:`to_display`.
+slices or volumes (:func:`slice_figure`, :func:`slice_grid`) call :func:`to_display`.
 
 Colours and names come from ``utils/labels.py``. Figures are built with
 ``matplotlib.figure.Figure`` directly, never pyplot, so no global state or backend is touched and
@@ -25,6 +28,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from training.viewer import create_interactive_visualization  # noqa: F401  (the seed's import path)
 from utils.labels import COLORS, DISPLAY_NAMES, NUM_CLASSES, ORGAN_IDS, ORGANS
 
 COLORS_RGB = np.asarray(COLORS, dtype=np.float32) / 255.0  # (NUM_CLASSES, 3) in [0, 1]
@@ -307,71 +311,10 @@ def save_figure(fig: Figure, path, dpi: int = 120) -> Path:
 
 
 def figure_to_png(fig: Figure, dpi: int = 100) -> bytes:
-    """The figure rendered as PNG bytes (for an ipywidgets Image)."""
+    """The figure rendered as PNG bytes (to embed in HTML or show in an ipywidgets Image)."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
     return buffer.getvalue()
-
-
-def create_interactive_visualization(ct_data, mask_data, predicted_masks, num_classes: int = NUM_CLASSES,
-                                     low: float | None = None, high: float | None = None, alpha: float = 0.4):
-    """Notebook viewer: a slider over axial slices and a choice of what to overlay.
-
-    Args:
-        ct_data: ``(X, Y, Z)`` canonical CT in HU.
-        mask_data: ``(X, Y, Z)`` ground-truth class ids, or None.
-        predicted_masks: ``(X, Y, Z)`` predicted class ids, or None.
-        num_classes: labels must lie in ``0..num_classes-1`` (at most ``NUM_CLASSES``).
-        low, high: display window; None picks 0..1 for preprocessed images (values within
-            [0, 1], as from ``load_and_preprocess_ct_data``) and -400..400 HU otherwise.
-        alpha: as in :func:`overlay`.
-
-    Returns:
-        An ``ipywidgets.VBox``: ``children[0]`` is an HBox of the slice ``IntSlider`` (0..Z-1) and
-        the ``ToggleButtons`` (both / ground truth / prediction); ``children[1]`` is the
-        ``Image`` showing the slice. Display it in the notebook.
-    """
-    import ipywidgets as widgets
-
-    ct_data = np.asarray(ct_data)
-    if ct_data.ndim != 3:
-        raise ValueError(f"ct_data must be (X, Y, Z), got shape {ct_data.shape}")
-    if low is None or high is None:
-        normalized = ct_data.size and ct_data.min() >= 0 and ct_data.max() <= 1
-        low, high = (0.0, 1.0) if normalized else (-400.0, 400.0)
-    if not 1 <= num_classes <= NUM_CLASSES:
-        raise ValueError(f"num_classes={num_classes}: colours exist for 1..{NUM_CLASSES} classes")
-    volumes = {"ground truth": mask_data, "prediction": predicted_masks}
-    for name, labels in volumes.items():
-        if labels is not None:
-            labels = volumes[name] = np.asarray(labels)
-            if labels.shape != ct_data.shape:
-                raise ValueError(f"{name} shape {labels.shape} != ct_data shape {ct_data.shape}")
-            if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-                raise ValueError(f"{name} holds ids {labels.min()}..{labels.max()}, outside 0..{num_classes - 1}")
-    available = [name for name, labels in volumes.items() if labels is not None]
-    options = (["both"] if len(available) == 2 else []) + available or ["none"]
-
-    reference = volumes["ground truth"] if volumes["ground truth"] is not None else volumes["prediction"]
-    organ_slices = choose_slices(reference, ct_data.shape[2], ct_data.shape[2])
-    slider = widgets.IntSlider(value=organ_slices[len(organ_slices) // 2], min=0, max=ct_data.shape[2] - 1,
-                               description="slice z", continuous_update=False)
-    show = widgets.ToggleButtons(options=options, value=options[0], description="overlay")
-    image = widgets.Image(format="png", layout=widgets.Layout(width="640px"))
-
-    def render(_change=None):
-        z, mode = slider.value, show.value
-        prediction = volumes["prediction"] if mode in ("both", "prediction") else None
-        ground_truth = volumes["ground truth"] if mode in ("both", "ground truth") else None
-        fig = slice_figure(ct_data[:, :, z], None if prediction is None else prediction[:, :, z],
-                           None if ground_truth is None else ground_truth[:, :, z],
-                           title=f"axial slice z = {z} / {ct_data.shape[2] - 1}", alpha=alpha, low=low, high=high)
-        image.value = figure_to_png(fig)
-
-    slider.observe(render, names="value")
-    show.observe(render, names="value")
-    render()
-    return widgets.VBox([widgets.HBox([slider, show]), image])
 
 
 def _check_labels(labels: np.ndarray, shape, name: str) -> np.ndarray:
