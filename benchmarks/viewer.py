@@ -95,6 +95,7 @@ def main() -> None:
         "steps": args.steps, "old_fps": round(old_fps, 2), "new_fps": round(new_fps, 2),
         "speedup": round(new_fps / old_fps, 1), "new_create_seconds": round(create_seconds, 2),
         "new_bytes_per_step": image_bytes, "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+        "load_average_1min": round(os.getloadavg()[0], 2),
         "quick": args.quick,
     }
     print(json.dumps(result))

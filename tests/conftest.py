@@ -43,3 +43,8 @@ def tiny_data(tmp_path_factory) -> Path:
     preprocess_dataset("full", root / "raw" / "Image", root / "raw" / "Mask", root / "pre",
                        PreprocessParams(target_size=(32, 32)), progress=False)
     return root / "pre"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "browser: drives JupyterLab and report.html in headless Chromium "
+                                       "(tests/test_browser.py); deselect with -m 'not browser'")

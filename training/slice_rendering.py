@@ -120,7 +120,8 @@ def plane_slice(volume: np.ndarray, plane: str, index: int) -> np.ndarray:
     ``[x, :, :]`` -> ``(Z, Y)``. Rows run anterior->posterior (axial) or superior->inferior;
     columns run patient's right->left (axial, coronal) or anterior->posterior (sagittal).
     """
-    taken = np.take(volume, index, axis=PLANE_AXIS[plane])  # (X, Y), (X, Z) or (Y, Z)
+    axis = PLANE_AXIS[plane]
+    taken = volume[(slice(None),) * axis + (int(index),)]  # (X, Y), (X, Z) or (Y, Z); a view, never a copy
     return np.swapaxes(taken[::-1, ::-1], 0, 1)
 
 

@@ -77,12 +77,12 @@ class SliceViewer:
         self.opacity = widgets.FloatSlider(value=settings.opacity, min=0.0, max=1.0, step=0.05,
                                            description="opacity", continuous_update=True)
         self.controls = widgets.VBox([self.mode, self.preset, widgets.HBox([self.level, self.width, self.opacity])])
-        self.organ_toggles = {organ: widgets.ToggleButton(value=organ in settings.visible,
-                                                          description=DISPLAY_NAMES[organ],
-                                                          layout=widgets.Layout(width="auto"))
-                              for organ in _organs_present(case)}
-        for organ, toggle in self.organ_toggles.items():
-            toggle.style.button_color = "#%02x%02x%02x" % tuple(int(c) for c in ORGAN_COLORS[organ])
+        # ToggleButton has no colour style: the organ's colour is a thick left border
+        self.organ_toggles = {organ: widgets.ToggleButton(
+            value=organ in settings.visible, description=DISPLAY_NAMES[organ], tooltip="show / hide",
+            layout=widgets.Layout(width="auto", border_left="14px solid #%02x%02x%02x"
+                                  % tuple(int(c) for c in ORGAN_COLORS[organ])))
+            for organ in _organs_present(case)}
         self.organ_box = widgets.HBox(list(self.organ_toggles.values()),
                                       layout=widgets.Layout(flex_flow="row wrap"))
 
