@@ -10,8 +10,7 @@ Needs Debian's ``chromium`` (``/usr/bin/chromium``; Playwright's own browser dow
 used), and the ``playwright`` and ``jupyterlab`` Python packages. Without them the tests skip,
 unless ``ABDOSEG_REQUIRE_BROWSER=1`` (set by ``.ci/run``), which turns the skip into a failure.
 Screenshots go to the test's temporary folder, or to ``$ABDOSEG_SCREENSHOTS`` (how the README's
-``docs/`` pictures are made: then the held-out phantoms are larger and the notebook keeps its own
-one-minute stand-in training)::
+``docs/`` pictures are made: then the held-out phantoms are larger)::
 
     ABDOSEG_SCREENSHOTS=docs python -m pytest -m browser tests/test_browser.py
 """
@@ -42,7 +41,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 NOTEBOOK = "04_predict_and_visualize.ipynb"
 RUN_ALL_TIMEOUT_MS = 240_000
 TINY = {"HELDOUT_CASES": 2, "SIZE": 64, "NUM_SLICES": 16, "DEVICE": "cpu"}
-PICTURES = {"HELDOUT_CASES": 3, "SIZE": 160, "NUM_SLICES": 48, "DEVICE": "cpu"}  # for docs/ screenshots
+PICTURES = {"HELDOUT_CASES": 3, "SIZE": 160, "NUM_SLICES": 40, "DEVICE": "cpu"}  # for docs/ screenshots
 TINY_FALLBACK = {"epochs": 1, "steps_per_epoch": 2, "features": [4, 8], "batch_size": 4, "cases_per_source": 2,
                  "phantom_size": 48, "target_size": 48, "phantom_slices": 12}
 # JupyterLab settings: render every cell (no virtual scrolling) and fetch no news from the internet
@@ -80,9 +79,7 @@ def lab_root(tmp_path_factory) -> Path:
         (root / package).symlink_to(REPO_ROOT / package, target_is_directory=True)
     notebook = json.loads((REPO_ROOT / "notebooks" / NOTEBOOK).read_text())
     for_pictures = bool(os.environ.get("ABDOSEG_SCREENSHOTS"))
-    values = {**(PICTURES if for_pictures else TINY), "WORK": root / "work"}
-    if not for_pictures:
-        values["FALLBACK_TRAINING"] = TINY_FALLBACK
+    values = {**(PICTURES if for_pictures else TINY), "WORK": root / "work", "FALLBACK_TRAINING": TINY_FALLBACK}
     cell = next(c for c in notebook["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
     lines = [f"{k} = pathlib.Path({str(v)!r})" if isinstance(v, Path) else f"{k} = {v!r}" for k, v in values.items()]
     cell["source"] = "".join(cell["source"]) + "\n\n# injected by tests/test_browser.py\n" + "\n".join(lines) + "\n"

@@ -254,10 +254,11 @@ def _organs_present(case) -> list[int]:
 
 
 def _mode_possible(mode: str, case) -> bool:
+    """Whether ``mode`` has something to show; with no labels at all, "prediction" shows the CT."""
     has_prediction, has_truth = case.prediction is not None, case.truth is not None
-    return {"prediction": has_prediction, "ground truth": has_truth, "both": has_prediction and has_truth,
-            "errors": has_prediction and has_truth}[mode] or (not has_prediction and not has_truth
-                                                              and mode == "prediction")
+    if mode == "prediction":
+        return has_prediction or not has_truth
+    return has_truth if mode == "ground truth" else has_prediction and has_truth
 
 
 def _preset_of(settings: ViewSettings) -> str:
