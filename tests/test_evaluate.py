@@ -123,7 +123,7 @@ def test_evaluate_folders_writes_outputs(tmp_path):
 
     summary = evaluate.evaluate_folders(pred_dir, gt_dir, "abdomenct1k", out_dir, progress=False)
 
-    assert {p.name for p in out_dir.iterdir()} == {"metrics.csv", "summary.json", "dice_per_organ.png"}
+    assert {p.name for p in out_dir.iterdir()} == {"metrics.csv", "summary.json", "dice_per_organ.png", "report.html"}
     on_disk = json.loads((out_dir / "summary.json").read_text())
     for key in ("tolerance_mm", "cases", "mean_dice", "dice", "iou", "hd95_mm", "surface_dice",
                 "false_positive_ml", "slice_dice", "missing_predictions", "failed"):
