@@ -155,6 +155,7 @@ def test_widget_sliders_toggles_modes_and_window():
     axial = bytes(viewer.images["axial"].value)
     viewer.organ_toggles[5].value = False
     assert bytes(viewer.images["axial"].value) != axial and "Liver" not in viewer.info.value and "Kidney" in viewer.info.value
+    assert viewer.preset.value == "abdomen" and viewer.level.step == 1.0  # presets exact on the slider grid
     viewer.preset.value = "bone"
     assert (viewer.level.value, viewer.width.value) == render.WINDOW_PRESETS["bone"]
     viewer.level.value = 123.0
@@ -193,3 +194,11 @@ def test_view_case_and_prediction_folder_read_nifti(tmp_path):
     assert folder_viewer.viewer.counts is not None
     with pytest.raises(UserError, match="no .nii"):
         view_prediction_folder(tmp_path / "raw" / "none", tmp_path / "raw" / "Image")
+
+
+def test_error_mode_outlines_an_error_covering_the_slice():
+    grey = np.full((10, 10), 100, dtype=np.uint8)
+    prediction = np.full((10, 10), 6, dtype=np.uint8)  # rectum everywhere
+    truth = np.zeros((10, 10), dtype=np.uint8)
+    rgb = render.compose(grey, prediction, truth, render.ViewSettings(mode="errors"))
+    assert (rgb[1:-1, 1:-1] == 100).all() and tuple(rgb[0, 0]) == render.FALSE_POSITIVE_COLOR

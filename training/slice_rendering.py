@@ -189,16 +189,14 @@ def compose(grey: np.ndarray, prediction, truth, settings: ViewSettings) -> np.n
 
     Modes: ``prediction`` / ``ground truth`` fill that label map; ``both`` fills the prediction
     and outlines the truth; ``errors`` colours false positives and false negatives
-    (:func:`error_map`) and outlines the truth. A label filling more than ``WASH_FRACTION`` of
-    the slice is outlined instead of filled, so the CT under it stays readable.
+    (:func:`error_map`) and outlines the truth. A label (or kind of error) filling more than
+    ``WASH_FRACTION`` of the slice is outlined instead of filled, so the CT under it stays readable.
     """
     rgb = np.repeat(grey[..., None], 3, axis=-1)  # (H, W) -> (H, W, 3)
     if settings.mode == "errors":
         if prediction is None or truth is None:
             return rgb
-        errors = error_map(prediction, truth, settings.visible)
-        palette = np.array([(0, 0, 0), FALSE_POSITIVE_COLOR, FALSE_NEGATIVE_COLOR], dtype=np.uint8)
-        blend(rgb, errors > 0, palette[errors[errors > 0]], max(settings.opacity, 0.5))
+        _errors(rgb, error_map(prediction, truth, settings.visible), max(settings.opacity, 0.5))
         _outline(rgb, truth, settings.visible)
         return rgb
     filled = prediction if settings.mode in ("prediction", "both") else truth
@@ -218,6 +216,17 @@ def _fill(rgb: np.ndarray, labels: np.ndarray, settings: ViewSettings) -> None:
     blend(rgb, where, ORGAN_COLORS[labels[where]], settings.opacity)
     if washing:
         _outline(rgb, labels, washing)
+
+
+def _errors(rgb: np.ndarray, errors: np.ndarray, opacity: float) -> None:
+    """Fill false positives (1) and false negatives (2) in their colours; a kind covering more
+    than ``WASH_FRACTION`` of the slice is outlined instead."""
+    for kind, color in ((1, FALSE_POSITIVE_COLOR), (2, FALSE_NEGATIVE_COLOR)):
+        where = errors == kind
+        if where.sum() > WASH_FRACTION * errors.size:
+            rgb[label_outline(where)] = color
+        else:
+            blend(rgb, where, np.asarray(color, dtype=np.uint8), opacity)
 
 
 def _outline(rgb: np.ndarray, labels: np.ndarray, visible) -> None:

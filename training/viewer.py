@@ -68,8 +68,10 @@ class SliceViewer:
         self.preset = widgets.ToggleButtons(options=list(WINDOW_PRESETS) + ["custom"], value=_preset_of(settings),
                                             description="window")
         low, high = case.code_offset, case.code_offset + 65535 * case.code_step
-        low, high = (max(low, -1200.0), min(high, 3000.0)) if case.code_step == 1.0 else (low, high)
-        step = (high - low) / 500
+        if case.code_step == 1.0:  # integer HU: whole steps, so the presets' values are exact
+            low, high, step = -1200.0, 3000.0, 1.0
+        else:
+            step = (high - low) / 500
         self.level = widgets.FloatSlider(value=settings.level, min=low, max=high, step=step, description="level",
                                          continuous_update=True)
         self.width = widgets.FloatSlider(value=settings.width, min=step, max=2 * (high - low), step=step,
