@@ -1,8 +1,5 @@
 """Static pictures of CT slices, labels and results: pure functions returning arrays or figures.
-
-The interactive three-plane viewer is ``training/viewer.py``; its seed-era entry point
-``create_interactive_visualization`` is re-exported here so ``from training.visualization import
-create_interactive_visualization`` keeps working.
+The slice viewer is ``training/viewer.py`` (``create_interactive_visualization`` re-exported here).
 
 Orientation. Volumes arrive as canonical RAS+ ``(X, Y, Z)`` arrays (``utils/volume_io``): +X points
 to the patient's right, +Y to anterior, +Z to superior, and an axial slice is ``data[:, :, z]``,
