@@ -217,6 +217,8 @@ def test_notebook_viewer_in_the_browser(notebook_page, screenshots):
     axial, coronal, sagittal = images.nth(0), images.nth(1), images.nth(2)
     viewer = page.locator(".widget-vbox:has(img.widget-image)").first
     viewer.scroll_into_view_if_needed()
+    active = viewer.locator(".widget-toggle-buttons button.mod-active").all_inner_texts()
+    assert [text.strip() for text in active] == ["both", "abdomen"], active
     viewer.screenshot(path=str(screenshots / "viewer_planes.png"))
     before = [_pixels(image) for image in (axial, coronal, sagittal)]
 

@@ -115,7 +115,7 @@ class SliceViewer:
         self.table = window_table(self.settings.level, self.settings.width, self.case.code_offset,
                                   self.case.code_step)
         self._quiet = True
-        self.preset.value = _preset_of(self.settings)
+        self.preset.value = _preset_of(self.settings, tolerance=self.level.step / 2)
         self._quiet = False
         self._base.clear()
         self.refresh()
@@ -263,9 +263,12 @@ def _mode_possible(mode: str, case) -> bool:
     return has_truth if mode == "ground truth" else has_prediction and has_truth
 
 
-def _preset_of(settings: ViewSettings) -> str:
-    return next((name for name, window in WINDOW_PRESETS.items()
-                 if window == (settings.level, settings.width)), "custom")
+def _preset_of(settings: ViewSettings, tolerance: float = 1e-6) -> str:
+    """The preset whose window is within ``tolerance`` of the settings' (the browser's slider may
+    send back a value rounded to its step), else "custom"."""
+    return next((name for name, (level, width) in WINDOW_PRESETS.items()
+                 if abs(settings.level - level) <= tolerance and abs(settings.width - width) <= tolerance),
+                "custom")
 
 
 def _swatch(color, text: str) -> str:
