@@ -26,7 +26,8 @@ from training.slice_rendering import (ORGAN_COLORS, ViewSettings, compose, encod
 from training.visualization import dice_bar_chart, figure_to_png
 from utils.files import write_text
 from utils.labels import DISPLAY_NAMES, NUM_CLASSES, ORGAN_IDS, ORGANS
-from utils.volume_io import case_id_from_path, load_ct, load_mask
+from utils.case_files import case_id_from_path
+from utils.volume_io import load_ct, load_mask
 
 IMAGE_FOLDER_NAMES = ("Image", "imagesTr", "imagesTs", "images")
 THUMBNAIL_PIXELS = 160  # longest side of a strip image

@@ -222,7 +222,7 @@ def view_prediction_folder(prediction_dir, image_dir, mask_dir=None, case: str |
         case: case id; None = the first prediction.
     """
     from utils.errors import UserError
-    from utils.volume_io import case_id_from_path
+    from utils.case_files import case_id_from_path
 
     def by_case(folder):
         files = sorted(p for p in Path(folder).glob("*.nii*") if not p.name.startswith("."))
