@@ -264,9 +264,12 @@ def draw_crosshair(rgb: np.ndarray, plane: str, position, case: CaseVolumes, mm_
 
 
 def confusion_counts(prediction: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """``(NUM_CLASSES, NUM_CLASSES)`` voxel counts, ``[predicted, true]``."""
-    pairs = prediction.astype(np.intp).ravel() * NUM_CLASSES + truth.ravel()
-    return np.bincount(pairs, minlength=NUM_CLASSES ** 2).reshape(NUM_CLASSES, NUM_CLASSES)
+    """``(NUM_CLASSES, NUM_CLASSES)`` voxel counts, ``[predicted, true]`` (class ids < 16)."""
+    counts = np.zeros(NUM_CLASSES ** 2, dtype=np.int64)
+    for start in range(0, prediction.shape[-1], 16):  # chunks along the last axis bound the memory
+        pairs = prediction[..., start:start + 16] * np.uint8(NUM_CLASSES) + truth[..., start:start + 16]
+        counts += np.bincount(pairs.ravel(), minlength=NUM_CLASSES ** 2)[:NUM_CLASSES ** 2]
+    return counts.reshape(NUM_CLASSES, NUM_CLASSES)
 
 
 def visible_dice(counts: np.ndarray, visible) -> dict[int, float]:
