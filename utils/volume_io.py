@@ -23,21 +23,24 @@ Decisions (what the loader does with awkward files):
   without resampling, and predictions are written back with the exact original affine.
 * **No xform codes** (``sform_code == qform_code == 0``) load with a ``UserWarning``: the
   orientation is unknown and assumed from the header's pixdim (nibabel's fallback affine).
-  Otherwise nibabel's choice is used: the sform, else the qform. An affine that is not finite or
-  is singular (a zero or repeated axis) is refused.
+  Otherwise nibabel's choice is used: the sform, else the qform. An affine that is not finite,
+  is singular (a zero or repeated axis), or has a voxel edge outside 0.001..1000 mm is refused.
 * **Units.** Every affine abdoseg hands out is in millimetres: the spatial unit of the header's
   ``xyzt_units`` is honoured (meters x1000, microns x0.001); unit code 0 ("unknown") is read as
-  millimetres, as nibabel and ITK do. ``Volume.original_affine`` is the file's affine in mm.
-* **Size before reading** (``utils/nifti_header.py``). Before any voxel is read, the bytes the header implies
-  (voxels x bytes per voxel) are checked: an uncompressed ``.nii`` must hold them after
-  ``vox_offset``; a compressed file must not imply more than ``MAX_COMPRESSION_RATIO`` (1100) times
-  its own size (deflate cannot compress more than 1032:1, so such a header is a lie) and never more
-  than ``MAX_VOXEL_BYTES``. nibabel then reads exactly the implied bytes, so neither a lying header
-  nor a gzip bomb allocates beyond that bound.
+  millimetres, as nibabel and ITK do. ``Volume.original_affine`` is the file's affine in mm, and
+  predictions are written in mm.
+* **Size before reading** (checks in ``utils/nifti_header.py``). Before any voxel is read, the
+  bytes the header implies (voxels x bytes per voxel) are checked: an uncompressed ``.nii`` must
+  hold them after ``vox_offset``; a compressed file must not imply more than 1100 times its own
+  size (deflate cannot compress more than 1032:1, so such a header is a lie), and no file more
+  than 8 GiB. nibabel then reads exactly the implied bytes, so neither a lying header nor a gzip
+  bomb allocates beyond that bound, and the file is read once.
 * **Datatypes.** One integer or float value per voxel; RGB, complex and other structured types are
   refused. ``scl_slope`` 0 or not finite means "no scaling" (the NIfTI rule, as nibabel reads it;
   nibabel writes NaN); a slope or intercept beyond float32, or scaled values that overflow to
   inf, are refused.
+* **Masks** hold integer label ids 0..65535 (``utils.labels.MAX_SOURCE_ID``, the range label
+  maps may use); negative, fractional or larger values are refused.
 
 Bad input files raise :class:`NiftiError` with a one-line ``'<path>: <what is wrong>'``.
 """
