@@ -192,6 +192,7 @@ def test_atomic_folder_replaces_only_a_folder_abdoseg_wrote_whole(tmp_path):
     with out.atomic_folder("Case_1") as temporary:  # recorded, overwrite: replaced whole
         (temporary / "image.npy").write_bytes(b"2")
     assert sorted(p.name for p in (out.path / "Case_1").iterdir()) == ["image.npy"]
+    assert sorted(p.name for p in out.path.iterdir()) == [MARKER_NAME, RECORDS_NAME, "Case_1"]
     (out.path / "Case_1" / "user_notes.txt").write_text("mine")
     with pytest.raises(UserError, match="user_notes.txt: abdoseg did not write this"):
         with out.atomic_folder("Case_1") as temporary:

@@ -24,8 +24,9 @@ Marker format (``.abdoseg-output.json``)::
 
     {"abdoseg_output": 1, "command": "predict", "files": ["Case_00001.nii.gz", "Case_00002/", ...]}
 
-Paths are relative, with ``/``; a folder abdoseg wrote whole (:meth:`OutputFolder.atomic_folder`)
-ends with ``/`` and its files are listed too.
+Paths are relative, with ``/``; a folder abdoseg made (a parent of a file it wrote, or a folder
+written whole by :meth:`OutputFolder.atomic_folder`) ends with ``/``, and the files in it are
+listed too. abdoseg writes into no folder it did not make.
 """
 
 from __future__ import annotations
@@ -63,8 +64,8 @@ class OutputFolder:
     path: Path
     command: str
     overwrite: bool = False
-    _recorded_at_claim: frozenset[str] = frozenset()
-    _written_now: set[str] = field(default_factory=set)
+    _recorded_at_claim: frozenset[str] = field(default=frozenset(), init=False, repr=False)
+    _written_now: set[str] = field(default_factory=set, init=False, repr=False)
 
     # ------------------------------------------------------------------ writing
 
@@ -128,18 +129,19 @@ class OutputFolder:
             self._check_replaceable(name + "/", replace)
             self._check_all_recorded(target, name)
         target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = temporary_name(target)
+        temporary, previous = temporary_name(target), temporary_name(target)
         try:
             temporary.mkdir()
             yield temporary
             contents = [f"{name}/{path.relative_to(temporary).as_posix()}" + ("/" if path.is_dir() else "")
                         for path in sorted(temporary.rglob("*"))]
             self._record([name + "/", *contents, *self._new_parents(name)])
-            if os.path.lexists(target):
-                shutil.rmtree(target)  # checked above: every entry in it is abdoseg's
+            if os.path.lexists(target):  # checked above: every entry in it is abdoseg's
+                os.replace(target, previous)  # move the old one aside, so a crash never leaves half
             os.replace(temporary, target)
         finally:
             shutil.rmtree(temporary, ignore_errors=True)
+            shutil.rmtree(previous, ignore_errors=True)
 
     def remove(self, relative: str | Path) -> None:
         """Delete a file or folder abdoseg recorded here (a folder only if all of it is recorded).
