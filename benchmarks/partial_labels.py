@@ -33,11 +33,12 @@ from training.evaluate import boldness_report, evaluate_folders  # noqa: E402
 from training.predict import predict_files  # noqa: E402
 from training.train import fit  # noqa: E402
 from training.visualization import dice_bar_chart  # noqa: E402
-from utils.labels import ORGANS, get_source  # noqa: E402
+from utils.labels import EXAMPLE_PKU_MAP, ORGANS, get_source  # noqa: E402
 from utils.phantom import write_phantom_dataset  # noqa: E402
 from utils.preprocess_data import PreprocessParams, preprocess_dataset  # noqa: E402
 
 SOURCES = ("pku", "abdomenct1k")
+LABEL_MAPS = {"pku": EXAMPLE_PKU_MAP}  # the phantom writes the example map's PKU ids
 METHODS = {"seed_way": "seed_way", "marginal": "marginal", "full": "seed_way"}  # PARTIAL_LABEL_PRESETS
 # the demo's phantoms, model and loss (training/demo.py), with a budget that fits three runs
 # in 25 minutes on a 2-core CPU; each method sets its own partial-label switches
@@ -50,13 +51,13 @@ QUICK_TRAIN = {"features": [4, 8], "epochs": 1, "steps_per_epoch": 2, "batch_siz
 
 def unannotated_organs() -> list[int]:
     """Organs that at least one of the two sources leaves unannotated."""
-    annotated = [get_source(name).annotated for name in SOURCES]
+    annotated = [get_source(name, LABEL_MAPS.get(name)).annotated for name in SOURCES]
     return [i for i in range(1, len(ORGANS)) if not all(i in a for a in annotated)]
 
 
 def trained_by() -> dict[int, str]:
     """Which source's labels teach each organ in the partial setting."""
-    labels = {name: get_source(name).annotated for name in SOURCES}
+    labels = {name: get_source(name, LABEL_MAPS.get(name)).annotated for name in SOURCES}
     return {i: " + ".join(n for n in SOURCES if i in labels[n]) + (" only" if sum(i in a for a in labels.values()) == 1 else "")
             for i in range(1, len(ORGANS))}
 
@@ -71,7 +72,7 @@ def make_data(root: Path, settings: dict) -> dict[str, list[Path]]:
             raw = root / "raw" / f"{source}_{layout}"
             write_phantom_dataset(raw, settings["cases_per_source"], layout, seed=seed, **shape)
             preprocess_dataset(layout, raw / "Image", raw / "Mask", root / "pre" / f"{source}_{layout}",
-                               params, progress=False)
+                               params, label_map=LABEL_MAPS.get(layout), progress=False)
             folders[kind].append(root / "pre" / f"{source}_{layout}")
     write_phantom_dataset(root / "raw" / "heldout", settings["heldout_cases"], "full", seed=13, **shape)
     return {"seed_way": folders["partial"], "marginal": folders["partial"], "full": folders["full"]}

@@ -244,11 +244,14 @@ def test_predict_reports_a_bad_file_and_completes_the_others(kind, raw, checkpoi
 # ----------------------------------------------------------------------------- 4. label maps
 
 @pytest.mark.parametrize("content, words", [
-    ('{"labels": {"background": 0, "liver": 1,', ["not valid JSON"]),
+    ('{"labels": {"background": 0, "liver": 1,', ["not a valid label-map file"]),
     ('{"labels": {"background": 0, "liver": 1, "heart": 2}}', ["'heart'", "ignore"]),
     ('{"labels": {"background": 0, "liver": "one"}}', ["'liver'", "integers"]),
     ('["liver"]', ['"labels"']),
-], ids=["malformed", "unknown_organ", "bad_id", "not_an_object"])
+    ('{"labels": {"background": 0, "liver": 1, "spleen": 1}}', ["'liver' and 'spleen' both have id 1"]),
+    ('{"labels": {"liver": 0, "spleen": 1}}', ["organ 'liver' has id 0"]),
+    ('{"labels": {"background": 0, "liver": 70000}}', ["id 70000", "0..65535"]),
+], ids=["malformed", "unknown_organ", "bad_id", "not_an_object", "duplicate_id", "organ_id_0", "id_too_large"])
 def test_bad_label_map(content, words, raw, tmp_path, capsys):
     label_map = tmp_path / "bad.json"
     label_map.write_text(content)
@@ -259,6 +262,22 @@ def test_bad_label_map(content, words, raw, tmp_path, capsys):
     assert_refused(code, err, str(label_map), *words)
     assert not (tmp_path / "pre").exists()
 
+
+
+@pytest.mark.parametrize("source, label_map, words", [
+    ("pku", None, ["'pku' source needs its label-map JSON", "--label-map", "pku_label_map.json"]),
+    ("full", "examples/pku_label_map.json", ["'full' source has fixed ids", "pku_label_map.json"]),
+    ("abdomenct1k", "examples/pku_label_map.json", ["'abdomenct1k' source has fixed ids"]),
+], ids=["pku_without_map", "map_for_full", "map_for_abdomenct1k"])
+def test_label_map_missing_or_not_used(source, label_map, words, raw, tmp_path, capsys):
+    extra = ["--label-map", REPO / label_map] if label_map else []
+    code, _, err = cli(capsys, "preprocess", "--source", source, *extra, "--images", raw / "Image", "--masks",
+                       raw / "Mask", "--out", tmp_path / "pre")
+    assert_refused(code, err, *words)
+    assert not (tmp_path / "pre").exists()
+    code, _, err = cli(capsys, "evaluate", "--pred", raw / "Mask", "--gt", raw / "Mask", "--source", source,
+                       *extra, "--out", tmp_path / "eval")
+    assert_refused(code, err, *words)
 
 # ----------------------------------------------------------------------------- 5. unwritable output
 

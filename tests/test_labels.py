@@ -30,7 +30,7 @@ def test_totalseg_maps_our_organs_and_sends_everything_else_to_background():
 def test_pku_example_map_merges_left_and_right():
     shipped = json.loads(EXAMPLE_PKU_MAP.read_text())["labels"]
     assert {k: v for k, v in shipped.items() if k != "background"} == PKU_EXAMPLE_IDS
-    source = get_source("pku")
+    source = get_source("pku", EXAMPLE_PKU_MAP)
     assert source.remap(np.array([3, 4, 5, 6])).tolist() == [3, 3, 4, 4]
     assert source.annotated == set(range(1, 10))
 
@@ -66,7 +66,7 @@ def test_unknown_label_names_are_reported_not_guessed(tmp_path):
 
 
 @pytest.mark.parametrize("text, problem", [
-    ("{not json", "not valid JSON"),
+    ("{not json", "not a valid label-map file"),
     ('{"labels": []}', "non-empty \"labels\""),
     ('{"labels": {"liver": "one"}}', "has id 'one'"),
 ])
@@ -76,3 +76,71 @@ def test_malformed_label_map_files(tmp_path, text, problem):
     with pytest.raises(LabelMapError, match=problem) as err:
         load_label_map(path)
     assert str(path) in str(err.value)
+
+
+# --- label-map rules: each mistake is an error naming the file, never a silent guess --------------
+
+def _write_map(tmp_path, labels, **extra):
+    path = tmp_path / "map.json"
+    path.write_text(json.dumps({"labels": labels, **extra}))
+    return path
+
+
+@pytest.mark.parametrize("labels, problem", [
+    ({"background": 0, "liver": 1, "spleen": 1}, "'liver' and 'spleen' both have id 1"),
+    ({"background": 0, "liver": 0}, "'background' and 'liver' both have id 0"),
+    ({"liver": 0, "spleen": 1}, "organ 'liver' has id 0"),
+    ({"background": 0, "liver": 65536}, r"id 65536; ids are integers 0..65535"),
+    ({"background": 0, "liver": -1}, r"id -1; ids are integers 0..65535"),
+    ({"background": 0, "liver": 1.0}, r"id 1.0; ids are integers"),
+    ({"background": 0, "liver": True}, r"id True; ids are integers"),
+    ({"background": 0, "kidney_left": [2, 3]}, r"id \[2, 3\]"),
+])
+def test_label_map_rules(tmp_path, labels, problem):
+    path = _write_map(tmp_path, labels)
+    with pytest.raises(LabelMapError, match=problem) as err:
+        load_label_map(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_label_map_limits_that_are_allowed(tmp_path):
+    """The largest id, background at a non-zero id, an ignored name: all usable."""
+    path = _write_map(tmp_path, {"background": 0, "bg": 7, "liver": 65535, "heart": 2},
+                      ignore=["heart"])
+    source = load_label_map(path)
+    assert source.remap(np.array([0, 7, 65535, 2], dtype=np.int32)).tolist() == [0, 0, 5, 0]
+    assert source.annotated == {5}
+
+
+def test_ignore_must_be_a_list_of_names(tmp_path):
+    with pytest.raises(LabelMapError, match='"ignore" must be a list'):
+        load_label_map(_write_map(tmp_path, {"background": 0, "liver": 1}, ignore="heart"))
+
+
+def test_missing_label_map_file_names_it(tmp_path):
+    with pytest.raises(LabelMapError, match=r"nope\.json: label-map file not found"):
+        load_label_map(tmp_path / "nope.json")
+
+
+def test_pku_needs_its_map():
+    with pytest.raises(LabelMapError, match="'pku' source needs its label-map JSON") as err:
+        get_source("pku")
+    assert str(EXAMPLE_PKU_MAP) in str(err.value)  # the message says where the example is
+    assert get_source("pku", EXAMPLE_PKU_MAP).remap(np.array([7])).tolist() == [5]
+
+
+def test_nnunet_needs_its_dataset_json():
+    with pytest.raises(LabelMapError, match="'nnunet' source needs the dataset folder"):
+        get_source("nnunet")
+
+
+@pytest.mark.parametrize("name", ["full", "abdomenct1k", "totalseg"])
+def test_a_map_for_a_source_with_fixed_ids_is_an_error(name):
+    with pytest.raises(LabelMapError, match=f"'{name}' source has fixed ids and uses no label map") as err:
+        get_source(name, EXAMPLE_PKU_MAP)
+    assert str(EXAMPLE_PKU_MAP) in str(err.value)
+
+
+def test_unknown_source():
+    with pytest.raises(LabelMapError, match="unknown source 'pkku'"):
+        get_source("pkku", EXAMPLE_PKU_MAP)

@@ -1,5 +1,8 @@
 """Tests for utils/volume_io.py: real-file geometry, dtypes, round trips and one test per bad input."""
 
+import gzip
+import io
+import tracemalloc
 import warnings
 
 import nibabel as nib
@@ -256,6 +259,138 @@ def test_mask_with_large_labels_is_int32(tmp_path):
     labels = load_mask(path_mask, load_ct(path_ct))
     assert labels.dtype == np.int32 and labels.max() == 300
 
+
+
+# --- headers checked before reading: units, size, affine, datatype, scaling ------------------------
+
+def _patched(tmp_path, data, name="patched.nii", affine=None, **fields):
+    """Write `data` with nibabel, then overwrite header `fields` byte for byte (no nibabel checks)."""
+    plain = tmp_path / "plain.nii"
+    nib.Nifti1Image(data, np.eye(4) if affine is None else affine).to_filename(plain)
+    content = plain.read_bytes()
+    header = nib.Nifti1Header.from_fileobj(io.BytesIO(content), check=False)
+    with np.errstate(over="ignore"):  # a value beyond float32 becomes inf, on purpose
+        for field, value in fields.items():
+            header.structarr[field] = value
+    content = header.binaryblock + content[348:]
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(content) if name.endswith(".gz") else content)
+    return path
+
+
+@pytest.mark.parametrize("unit_code, mm_per_unit", [(0, 1.0), (1, 1000.0), (2, 1.0), (3, 0.001), (2 | 8, 1.0)],
+                         ids=["unknown_is_mm", "meter", "mm", "micron", "mm_with_seconds"])
+def test_spatial_units_become_mm(tmp_path, unit_code, mm_per_unit):
+    affine_mm = np.diag([0.5, 0.7, 2.0, 1.0])
+    affine_mm[:3, 3] = (-100.0, 50.0, 30.0)
+    affine_in_file = affine_mm.copy()
+    affine_in_file[:3] /= mm_per_unit
+    volume = load_ct(_patched(tmp_path, _ct_volume(), affine=affine_in_file, xyzt_units=unit_code))
+    assert volume.spacing == pytest.approx((0.5, 0.7, 2.0))
+    np.testing.assert_allclose(volume.original_affine, affine_mm)
+    labels = (volume.data > 0).astype(np.uint8)
+    save_labels(labels, volume, tmp_path / "pred.nii.gz")  # written in mm, same world grid
+    written = nib.load(tmp_path / "pred.nii.gz")
+    assert written.header.get_xyzt_units()[0] == "mm"
+    np.testing.assert_allclose(written.affine, affine_mm)
+    np.testing.assert_array_equal(load_mask(tmp_path / "pred.nii.gz", volume), labels)
+
+
+def test_mask_in_meters_matches_image_in_mm(tmp_path):
+    affine_mm = np.diag([2.0, 2.0, 3.0, 1.0])
+    volume = load_ct(_patched(tmp_path, _ct_volume(), "ct.nii", affine=affine_mm, xyzt_units=2))
+    mask = _patched(tmp_path, np.ones((8, 7, 6), np.uint8), "mask.nii", affine=affine_mm / 1000 * [1, 1, 1, 1000],
+                    xyzt_units=1)
+    assert load_mask(mask, volume).sum() == 8 * 7 * 6
+
+
+def test_undefined_unit_code_is_refused(tmp_path):
+    with pytest.raises(NiftiError, match="patched.nii: xyzt_units has spatial unit code 5"):
+        load_ct(_patched(tmp_path, _ct_volume(), xyzt_units=5))
+
+
+@pytest.mark.parametrize("srow_z, problem", [([0.0, 0.0, 0.0, 0.0], "affine \\(from the sform\\) is singular"),
+                                             ([0.0, 0.0, np.nan, 0.0], "affine \\(from the sform\\) holds NaN"),
+                                             ([0.0, 0.0, 1e-7, 0.0], "affine \\(from the sform\\) is singular")])
+def test_singular_or_non_finite_affine_is_refused(tmp_path, srow_z, problem):
+    path = _patched(tmp_path, _ct_volume(), srow_z=srow_z, sform_code=1)
+    for load in (load_ct, lambda p: load_mask(p, load_ct(_patched(tmp_path, _ct_volume(), "ok.nii")))):
+        with pytest.raises(NiftiError, match=problem):
+            load(path)
+
+
+@pytest.mark.parametrize("mm", [1e-5, 1e5])
+def test_absurd_voxel_size_is_refused(tmp_path, mm):
+    path = _patched(tmp_path, _ct_volume(), srow_x=[mm, 0, 0, 0], srow_y=[0, mm, 0, 0], srow_z=[0, 0, mm, 0])
+    with pytest.raises(NiftiError, match=r"voxel size \[.*\] mm \(from the sform\) is outside 0.001..1000 mm"):
+        load_ct(path)
+
+
+def test_truncated_nii_is_refused_before_reading(tmp_path):
+    """A 1.3 kB .nii whose header claims 1.5 GB: refused with the sizes, nothing allocated."""
+    path = _patched(tmp_path, _ct_volume(), dim=[3, 1024, 1024, 768, 1, 1, 1, 1])
+    tracemalloc.start()
+    try:
+        with pytest.raises(NiftiError, match=r"patched.nii: header implies 1.5 GB of voxel data .* after byte 352, "
+                                             r"but the file holds 672 bytes: truncated"):
+            load_ct(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1024**2
+
+
+def test_header_beyond_the_absolute_cap_is_refused(tmp_path):
+    path = _patched(tmp_path, _ct_volume(), dim=[3, 32767, 32767, 32767, 1, 1, 1, 1])
+    with pytest.raises(NiftiError, match=r"header implies 64 TB .*; abdoseg reads at most 8 GB"):
+        load_ct(path)
+
+
+def test_all_zero_gzip_at_the_deflate_limit_still_loads(tmp_path):
+    """An empty mask compresses ~1028:1; the ratio bound (1100) must not refuse it."""
+    shape = (256, 256, 64)
+    volume = Volume(np.zeros(shape, np.int16), (1.0, 1.0, 1.0), np.eye(4), np.eye(4), shape, "ct.nii")
+    path = tmp_path / "empty_mask.nii.gz"
+    content = _patched(tmp_path, np.zeros(shape, np.uint8), "mask.nii").read_bytes()
+    path.write_bytes(gzip.compress(content, compresslevel=9))
+    assert 1000 < len(content) / path.stat().st_size < 1100
+    assert load_mask(path, volume).max() == 0
+
+
+@pytest.mark.parametrize("data", [np.zeros((4, 4, 4), [("R", "u1"), ("G", "u1"), ("B", "u1")]),
+                                  np.zeros((4, 4, 4), np.complex64)], ids=["rgb", "complex"])
+def test_rgb_and_complex_datatypes_are_refused(tmp_path, data):
+    path = tmp_path / "color.nii.gz"
+    nib.Nifti1Image(data, np.eye(4)).to_filename(path)
+    with pytest.raises(NiftiError, match=r"color.nii.gz: datatype (RGB|complex64) .* is not supported"):
+        load_ct(path)
+
+
+def test_huge_uint64_mask_is_refused(tmp_path):
+    volume = load_ct(_patched(tmp_path, _ct_volume(), "ct.nii"))
+    labels = np.zeros((8, 7, 6), np.uint64)
+    labels[1, 1, 1] = np.iinfo(np.uint64).max
+    path = tmp_path / "mask.nii.gz"
+    nib.Nifti1Image(labels, np.eye(4), dtype=np.uint64).to_filename(path)
+    with pytest.raises(NiftiError, match=r"mask.nii.gz: label map holds values up to 1.8\d*e\+19; label ids are "
+                                         r"0..65535"):
+        load_mask(path, volume)
+
+
+@pytest.mark.parametrize("slope, inter, problem", [
+    (1e36, 0.0, "NaN or inf after scl_slope 1e\\+36"),     # integral scaling beyond int64 -> float32 inf
+    (1.0, 1e39, "not a readable NIfTI file .*invalid intercept inf"),  # NIfTI-1 stores float32: inf
+])
+def test_absurd_scaling_is_refused(tmp_path, slope, inter, problem):
+    path = _patched(tmp_path, _ct_volume(), scl_slope=slope, scl_inter=inter)
+    with np.errstate(over="ignore"), pytest.raises(NiftiError, match=problem):
+        load_ct(path, check_intensity=False)
+
+
+def test_nan_or_zero_slope_means_no_scaling(tmp_path):
+    for slope in (0.0, np.nan):
+        volume = load_ct(_patched(tmp_path, _ct_volume(), scl_slope=slope, scl_inter=-1024.0))
+        np.testing.assert_array_equal(volume.data, _ct_volume())
 
 # --- small pieces -----------------------------------------------------------------------------
 

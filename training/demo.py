@@ -17,7 +17,7 @@ from training.evaluate import evaluate_folders
 from training.predict import predict_files
 from training.train import fit
 from training.visualization import slice_grid
-from utils.labels import ORGANS
+from utils.labels import EXAMPLE_PKU_MAP, ORGANS
 from utils.phantom import PHANTOM_SEEDS, write_phantom_dataset
 from utils.preprocess_data import PreprocessParams, preprocess_dataset
 from utils.volume_io import load_ct, load_mask
@@ -77,8 +77,8 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, overrides: 
         write_phantom_dataset(raw / "heldout", demo["heldout_cases"], "full", PHANTOM_SEEDS["full"], **shape)
     with timed(seconds, "preprocess"):
         for source in ("pku", "abdomenct1k"):
-            preprocess_dataset(source, raw / source / "Image", raw / source / "Mask", pre / source,
-                               params, workers=demo["workers"])
+            preprocess_dataset(source, raw / source / "Image", raw / source / "Mask", pre / source, params,
+                               label_map=EXAMPLE_PKU_MAP if source == "pku" else None, workers=demo["workers"])
     with timed(seconds, "train"):
         fit(cfg, [pre / "pku", pre / "abdomenct1k"], out / "run", overwrite=True)
     with timed(seconds, "predict"):

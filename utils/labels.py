@@ -10,7 +10,8 @@ Sources:
     ``full``         our own ids (what the phantom writes for fully labelled cases).
     ``abdomenct1k``  1 liver, 2 kidney, 3 spleen, 4 pancreas.
     ``totalseg``     TotalSegmentator ``total`` ids; every id not listed becomes background.
-    ``pku``          ids from a user-provided JSON file (see :func:`load_label_map`).
+    ``pku``          ids from a user-provided JSON file (see :func:`load_label_map`), required:
+                     the ids are private. ``EXAMPLE_PKU_MAP`` (the phantom's ids) is passed explicitly.
     ``nnunet``       names in an nnU-Net ``dataset.json`` matched to our organs by name.
 
 Label-map JSON format (``pku``; also what ``dataset.json`` holds under ``"labels"``)::
@@ -19,18 +20,19 @@ Label-map JSON format (``pku``; also what ``dataset.json`` holds under ``"labels
 
 Names are matched case-insensitively with synonyms (``urinary_bladder``, ``small_bowel``,
 ``kidney_left`` ...). Left and right merge into one class. A name we do not know is an error,
-not a guess: list it under ``"ignore"`` to map it to background on purpose.
+not a guess: list it under ``"ignore"`` to map it to background on purpose. Ids are integers in
+``0..MAX_SOURCE_ID`` (65535), each used by one name only, and no organ has id 0 (background).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from utils.errors import UserError
+from utils.files import read_json
 
 ORGANS = (
     "background", "bladder", "colon", "femur_head", "kidney", "liver",
@@ -97,6 +99,9 @@ PKU_EXAMPLE_IDS = {
     "stomach": 11,
 }
 SOURCES = ("full", "abdomenct1k", "pku", "totalseg", "nnunet")
+# Largest id a label map may give: masks are read as integers of any width, but the lookup table
+# has one entry per id, so ids stay in the uint16 range (TotalSegmentator uses up to 117).
+MAX_SOURCE_ID = 65535
 
 
 class LabelMapError(UserError):
@@ -178,18 +183,23 @@ def canonical_organ(name: str) -> str | None:
 def source_from_names(name: str, labels: dict[str, int], ignore=(), path: str | Path = "") -> LabelSource:
     """Build a source from a {label name: id} table, matching names to our organs.
 
-    Raises LabelMapError naming every label that is neither one of our organs nor in `ignore`.
+    Ids are integers in ``0..MAX_SOURCE_ID``; each id belongs to one name only (two names with one
+    id would let the last one win silently); an organ cannot have id 0, which every mask uses for
+    the voxels outside all organs. Raises LabelMapError naming `path` for each of these, and for
+    every label that is neither one of our organs nor in `ignore`.
     """
     ignore = {n.strip().lower() for n in ignore}
-    ids, background_ids, unknown = {}, [], []
+    ids, background_ids, unknown, owner = {}, [], [], {}
     for label_name, source_id in labels.items():
-        if not isinstance(source_id, int) or isinstance(source_id, bool) or source_id < 0:
-            raise LabelMapError(f"{path}: label '{label_name}' has id {source_id!r}; ids are integers >= 0")
+        _check_label_id(label_name, source_id, owner, path)
         organ = canonical_organ(label_name)
         if organ == "background" or label_name.strip().lower() in ignore:
             background_ids.append(source_id)
         elif organ is None:
             unknown.append(label_name)
+        elif source_id == 0:
+            raise LabelMapError(f"{path}: organ '{label_name}' has id 0, the id of background (every "
+                                "unlabelled voxel); give it its own id > 0")
         else:
             ids[source_id] = organ
     if unknown:
@@ -199,20 +209,37 @@ def source_from_names(name: str, labels: dict[str, int], ignore=(), path: str | 
     return _source(name, ids, background_ids)
 
 
+def _check_label_id(label_name: str, source_id, owner: dict[int, str], path) -> None:
+    """Refuse an id that is not an integer in 0..MAX_SOURCE_ID or that another name already has."""
+    if not isinstance(source_id, int) or isinstance(source_id, bool) or not 0 <= source_id <= MAX_SOURCE_ID:
+        raise LabelMapError(f"{path}: label '{label_name}' has id {source_id!r}; ids are integers "
+                            f"0..{MAX_SOURCE_ID}")
+    if source_id in owner:
+        raise LabelMapError(f"{path}: labels '{owner[source_id]}' and '{label_name}' both have id "
+                            f"{source_id}; each id must name one label")
+    owner[source_id] = label_name
+
+
 def load_label_map(path: str | Path, name: str = "pku") -> LabelSource:
-    """Read a label-map JSON ({"labels": {name: id}, "ignore": [...]}) into a LabelSource."""
+    """Read a label-map JSON (``{"labels": {name: id}, "ignore": [names]}``) into a LabelSource.
+
+    Raises:
+        LabelMapError: missing or invalid JSON, no ``"labels"`` object, an id that is not an integer
+            in ``0..MAX_SOURCE_ID``, two names with one id, an organ with id 0, an unknown name.
+    """
     path = Path(path)
     try:
-        spec = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise LabelMapError(f"{path}: label-map file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise LabelMapError(f"{path}: not valid JSON ({err})") from None
+        spec = read_json(path, "label-map file")
+    except UserError as err:
+        raise LabelMapError(str(err)) from None
     labels = spec.get("labels") if isinstance(spec, dict) else None
     if not isinstance(labels, dict) or not labels:
         raise LabelMapError(f"{path}: expected an object with a non-empty \"labels\" mapping of name to id")
+    ignore = spec.get("ignore", [])
+    if not isinstance(ignore, list) or not all(isinstance(item, str) for item in ignore):
+        raise LabelMapError(f"{path}: \"ignore\" must be a list of label names")
     labels = {k: _as_int(v) for k, v in labels.items()}
-    return source_from_names(name, labels, spec.get("ignore", ()), path)
+    return source_from_names(name, labels, ignore, path)
 
 
 def _as_int(value):
@@ -223,22 +250,35 @@ def _as_int(value):
 
 
 def get_source(name: str, label_map: str | Path | None = None) -> LabelSource:
-    """The LabelSource for a source name. `label_map` is the JSON for ``pku`` (defaults to the
-    shipped example) and the ``dataset.json`` (or its folder) for ``nnunet``."""
-    if name == "full":
-        return _source("full", dict(enumerate(ORGANS[1:], start=1)))
-    if name == "abdomenct1k":
-        return _source("abdomenct1k", ABDOMENCT1K_IDS)
-    if name == "totalseg":
-        return _source("totalseg", TOTALSEG_IDS, open_ids=True)
-    if name == "pku":
-        return load_label_map(label_map or EXAMPLE_PKU_MAP, "pku")
-    if name == "nnunet":
-        if label_map is None:
-            raise LabelMapError("nnunet: needs the dataset folder or its dataset.json")
-        path = Path(label_map)
-        return load_label_map(path / "dataset.json" if path.is_dir() else path, "nnunet")
-    raise LabelMapError(f"unknown source '{name}'; choose one of {', '.join(SOURCES)}")
+    """The LabelSource for a source name.
+
+    Args:
+        name: one of SOURCES.
+        label_map: required for ``pku`` (its label-map JSON; the shipped example is
+            ``EXAMPLE_PKU_MAP``, passed explicitly) and ``nnunet`` (``dataset.json`` or its folder);
+            an error for ``full``, ``abdomenct1k`` and ``totalseg``, whose ids are fixed.
+
+    Raises:
+        LabelMapError: unknown source, a missing map, a map the source does not use, a bad map.
+    """
+    fixed = {"full": lambda: _source("full", dict(enumerate(ORGANS[1:], start=1))),
+             "abdomenct1k": lambda: _source("abdomenct1k", ABDOMENCT1K_IDS),
+             "totalseg": lambda: _source("totalseg", TOTALSEG_IDS, open_ids=True)}
+    if name not in SOURCES:
+        raise LabelMapError(f"unknown source '{name}'; choose one of {', '.join(SOURCES)}")
+    if name in fixed:
+        if label_map is not None:
+            raise LabelMapError(f"{label_map}: the '{name}' source has fixed ids and uses no label map; "
+                                "drop the label map, or choose the source 'pku' or 'nnunet'")
+        return fixed[name]()
+    if label_map is None:
+        needs = "its label-map JSON" if name == "pku" else "the dataset folder or its dataset.json"
+        raise LabelMapError(f"the '{name}' source needs {needs} (--label-map)"
+                            + (f"; the example map is {EXAMPLE_PKU_MAP}" if name == "pku" else ""))
+    path = Path(label_map)
+    if name == "nnunet" and path.is_dir():
+        path = path / "dataset.json"
+    return load_label_map(path, name)
 
 
 EXAMPLE_PKU_MAP = Path(__file__).resolve().parents[1] / "examples" / "pku_label_map.json"

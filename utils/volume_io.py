@@ -23,7 +23,24 @@ Decisions (what the loader does with awkward files):
   without resampling, and predictions are written back with the exact original affine.
 * **No xform codes** (``sform_code == qform_code == 0``) load with a ``UserWarning``: the
   orientation is unknown and assumed from the header's pixdim (nibabel's fallback affine).
-  Otherwise nibabel's choice is used: the sform, else the qform.
+  Otherwise nibabel's choice is used: the sform, else the qform. An affine that is not finite,
+  is singular (a zero or repeated axis), or has a voxel edge outside 0.001..1000 mm is refused.
+* **Units.** Every affine abdoseg hands out is in millimetres: the spatial unit of the header's
+  ``xyzt_units`` is honoured (meters x1000, microns x0.001); unit code 0 ("unknown") is read as
+  millimetres, as nibabel and ITK do. ``Volume.original_affine`` is the file's affine in mm, and
+  predictions are written in mm.
+* **Size before reading** (checks in ``utils/nifti_header.py``). Before any voxel is read, the
+  bytes the header implies (voxels x bytes per voxel) are checked: an uncompressed ``.nii`` must
+  hold them after ``vox_offset``; a compressed file must not imply more than 1100 times its own
+  size (deflate cannot compress more than 1032:1, so such a header is a lie), and no file more
+  than 8 GiB. nibabel then reads exactly the implied bytes, so neither a lying header nor a gzip
+  bomb allocates beyond that bound, and the file is read once.
+* **Datatypes.** One integer or float value per voxel; RGB, complex and other structured types are
+  refused. ``scl_slope`` 0 or not finite means "no scaling" (the NIfTI rule, as nibabel reads it;
+  nibabel writes NaN); a slope or intercept beyond float32, or scaled values that overflow to
+  inf, are refused.
+* **Masks** hold integer label ids 0..65535 (``utils.labels.MAX_SOURCE_ID``, the range label
+  maps may use); negative, fractional or larger values are refused.
 
 Bad input files raise :class:`NiftiError` with a one-line ``'<path>: <what is wrong>'``.
 """
@@ -41,8 +58,10 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
 from utils.case_files import is_nifti
-from utils.errors import UserError
 from utils.files import atomic_path
+from utils.labels import MAX_SOURCE_ID
+from utils.nifti_header import (NiftiError, check_size, checked_affine_mm, checked_dtype,
+                                 checked_scaling, checked_shape)
 
 AIR_HU = -500.0  # voxels below this count as air (air is ~ -1000 HU, fat ~ -100 HU)
 MIN_AIR_FRACTION = 0.001  # abdominal CT has air outside the body, in bowel and lung bases
@@ -52,13 +71,6 @@ MASK_GRID_ATOL_MM = 1e-3
 
 _INT16 = np.iinfo(np.int16)
 _READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, ImageFileError, HeaderDataError)
-
-
-class NiftiError(UserError):
-    """Bad input file. ``str(err)`` is one line: ``'<path>: <what is wrong>'``."""
-
-    def __init__(self, path, problem: str):
-        super().__init__(f"{path}: {problem}")
 
 
 @dataclass
@@ -91,40 +103,41 @@ def load_ct(path, check_intensity: bool = True) -> Volume:
 
     Returns:
         A :class:`Volume`; ``data`` is ``(X, Y, Z)`` int16 HU, or float32 when the file's
-        scaling is not integral or the file stores floats.
+        scaling is not integral or the file stores floats; affines and spacing in mm.
 
     Raises:
-        NiftiError: missing, unreadable, truncated, not 3D, NaN/inf voxels, or not CT.
+        NiftiError: missing, unreadable, truncated, a header that does not fit the file, an
+            unsupported datatype or scaling, a singular affine, not 3D, NaN/inf voxels, or not CT.
     """
-    img, raw = _read_nifti(path)
-    hu = _scale_to_hu(raw, img.dataobj.slope, img.dataobj.inter)
-    _check_finite(path, hu)
+    contents = _read_nifti(path)
+    hu = _scale_to_hu(contents.raw, contents.slope, contents.inter)
+    _check_finite(path, hu, contents.slope, contents.inter)
     if check_intensity:
-        _check_ct_intensities(path, hu, img.get_data_dtype())
-    _warn_about_orientation(path, img)
-    data, affine = _to_canonical(hu, img.affine)
+        _check_ct_intensities(path, hu, contents.disk_dtype)
+    _warn_about_orientation(path, contents.header, contents.affine)
+    data, affine = _to_canonical(hu, contents.affine)
     spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
-    return Volume(data=data, spacing=spacing, affine=affine, original_affine=img.affine.copy(),
-                  original_shape=tuple(int(s) for s in raw.shape), path=str(path))
+    return Volume(data=data, spacing=spacing, affine=affine, original_affine=contents.affine.copy(),
+                  original_shape=tuple(int(s) for s in contents.raw.shape), path=str(path))
 
 
 def load_mask(path, reference: Volume) -> np.ndarray:
     """Load a label map on the same grid as ``reference``, in the same canonical orientation.
 
-    The grid is compared after canonical reorientation, so a mask stored with another axis order
-    than its image (same world grid) is accepted.
+    The grid is compared after canonical reorientation (in mm), so a mask stored with another
+    axis order or spatial unit than its image (same world grid) is accepted.
 
     Returns:
-        ``(X, Y, Z)`` integer labels like ``reference.data``; uint8 when the labels fit, else
-        int32 (int64 beyond int32).
+        ``(X, Y, Z)`` integer labels like ``reference.data``: uint8 when the labels fit, else int32.
 
     Raises:
-        NiftiError: unreadable, a different grid, NaN/inf, negative or non-integer values.
+        NiftiError: what :func:`load_ct` refuses for the file itself, a different grid, NaN/inf,
+            negative or non-integer values, or values above ``MAX_SOURCE_ID`` (65535).
     """
-    img, raw = _read_nifti(path)
-    labels = _apply_scaling(raw, img.dataobj.slope, img.dataobj.inter)
-    _check_finite(path, labels)
-    labels, affine = _to_canonical(labels, img.affine)
+    contents = _read_nifti(path)
+    labels = _apply_scaling(contents.raw, contents.slope, contents.inter)
+    _check_finite(path, labels, contents.slope, contents.inter)
+    labels, affine = _to_canonical(labels, contents.affine)
     affine_difference = float(np.abs(affine - reference.affine).max())
     if labels.shape != reference.data.shape or affine_difference > MASK_GRID_ATOL_MM:
         raise NiftiError(path, f"mask grid differs from its image {reference.path}: canonical shape "
@@ -138,8 +151,9 @@ def load_mask(path, reference: Volume) -> np.ndarray:
     low, high = labels.min(), labels.max()
     if low < 0:
         raise NiftiError(path, f"label map holds negative values (min {low:g}); labels must be >= 0")
-    label_dtype = next(t for t in (np.uint8, np.int32, np.int64) if high <= np.iinfo(t).max)
-    return labels.astype(label_dtype, copy=False)
+    if high > MAX_SOURCE_ID:
+        raise NiftiError(path, f"label map holds values up to {high:g}; label ids are 0..{MAX_SOURCE_ID}")
+    return labels.astype(np.uint8 if high <= 255 else np.int32, copy=False)
 
 
 def to_original(array: np.ndarray, reference: Volume) -> np.ndarray:
@@ -200,56 +214,76 @@ def save_volume(array, affine, path, dtype=None) -> None:
             img.to_stream(handle)
 
 
-def _read_nifti(path) -> tuple[nib.Nifti1Image, np.ndarray]:
-    """Open a NIfTI file and read its raw (unscaled) voxels, ``(I, J, K)`` in file order."""
+@dataclass
+class _NiftiContents:
+    """A checked file: raw voxels ``(I, J, K)`` in file order, and what the header says about them."""
+
+    raw: np.ndarray
+    affine: np.ndarray  # (4, 4) voxel-to-world, mm
+    slope: float
+    inter: float
+    disk_dtype: np.dtype
+    header: nib.Nifti1Header
+
+
+def _read_nifti(path) -> _NiftiContents:
+    """Open a NIfTI file, check its header against the file, then read its raw (unscaled) voxels."""
     if not os.path.isfile(path):
         raise NiftiError(path, "file not found" if not os.path.exists(path) else "not a file")
     try:
-        img = nib.load(path, mmap=False)  # mmap=False: read now and close the file
+        img = nib.load(path, mmap=False)  # reads the header only; mmap=False: voxels read once below
     except _READ_ERRORS as err:
         raise NiftiError(path, f"not a readable NIfTI file ({_first_line(err)})") from err
     if not isinstance(img, nib.Nifti1Image):  # Nifti2Image is a subclass
         raise NiftiError(path, f"is a {type(img).__name__}, not a NIfTI image")
-    shape = img.shape
-    extra = int(np.prod(shape[3:], dtype=np.int64))
-    if len(shape) > 3 and extra > 1:
-        raise NiftiError(path, f"{len(shape)}D image with {extra} volumes; abdoseg needs one 3D CT volume")
-    if len(shape) < 3 or min(shape[:3]) < 2:
-        raise NiftiError(path, f"shape {shape} is a 2D image or a single slice; abdoseg needs a 3D volume "
-                               "with at least 2 voxels along each axis")
+    shape = checked_shape(path, img.shape)
+    disk_dtype = checked_dtype(path, img.header)
+    check_size(path, img.dataobj.offset, shape, disk_dtype)
+    affine = checked_affine_mm(path, img.header, img.affine)
+    slope, inter = checked_scaling(path, img)
     try:
         # Read inside the try: a truncated or corrupt gzip only fails when the data is read.
         raw = np.asanyarray(img.dataobj.get_unscaled())
     except _READ_ERRORS as err:
         raise NiftiError(path, f"voxel data unreadable, truncated or corrupt ({_first_line(err)})") from err
-    return img, raw.reshape(shape[:3])
+    return _NiftiContents(raw.reshape(shape), affine, slope, inter, disk_dtype, img.header)
 
 
 def _apply_scaling(raw: np.ndarray, slope: float, inter: float) -> np.ndarray:
     """``raw * slope + inter`` without float64: integers stay integers when the scaling is integral.
 
-    Returns an integer array (int16 when the values fit, else int32/int64) or float32.
+    Returns an integer array (int16 when the values fit, else int32/int64) or float32 (also
+    when integral scaling would overflow int64; values beyond float32 become inf).
     """
     if raw.dtype.kind in "iu" and float(slope).is_integer() and float(inter).is_integer():
-        slope, inter = int(slope), int(inter)
-        raw_low, raw_high = (int(raw.min()), int(raw.max())) if raw.size else (0, 0)
-        out_low, out_high = sorted((raw_low * slope + inter, raw_high * slope + inter))
-        low = min(raw_low, out_low, -abs(slope), -abs(inter))  # slope, inter must fit too
-        high = max(raw_high, out_high, abs(slope), abs(inter))
-        work = next(t for t in (np.int16, np.int32, np.int64)
-                    if np.iinfo(t).min <= low and high <= np.iinfo(t).max)
-        out = raw.astype(work, copy=False)  # no copy for native int16 on disk
-        if slope != 1 or inter != 0:
-            out = out * work(slope)  # a new array: the raw buffer may be read-only
-            out += work(inter)
-        if out_low >= _INT16.min and out_high <= _INT16.max:
-            out = out.astype(np.int16, copy=False)
-        return out
-    out = raw.astype(np.float32)  # float32 first: int32 * float32 would promote to float64
-    if slope != 1:
-        out *= np.float32(slope)
-    if inter != 0:
-        out += np.float32(inter)
+        out = _apply_integer_scaling(raw, int(slope), int(inter))
+        if out is not None:
+            return out
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow becomes inf, refused by the caller
+        out = raw.astype(np.float32)  # float32 first: int32 * float32 would promote to float64
+        if slope != 1:
+            out *= np.float32(slope)
+        if inter != 0:
+            out += np.float32(inter)
+    return out
+
+
+def _apply_integer_scaling(raw: np.ndarray, slope: int, inter: int) -> np.ndarray | None:
+    """Integer ``raw * slope + inter`` in the narrowest of int16/32/64 that holds it, else None."""
+    raw_low, raw_high = (int(raw.min()), int(raw.max())) if raw.size else (0, 0)
+    out_low, out_high = sorted((raw_low * slope + inter, raw_high * slope + inter))
+    low = min(raw_low, out_low, -abs(slope), -abs(inter))  # slope, inter must fit too
+    high = max(raw_high, out_high, abs(slope), abs(inter))
+    work = next((t for t in (np.int16, np.int32, np.int64)
+                 if np.iinfo(t).min <= low and high <= np.iinfo(t).max), None)
+    if work is None:
+        return None
+    out = raw.astype(work, copy=False)  # no copy for native int16 on disk
+    if slope != 1 or inter != 0:
+        out = out * work(slope)  # a new array: the raw buffer may be read-only
+        out += work(inter)
+    if out_low >= _INT16.min and out_high <= _INT16.max:
+        out = out.astype(np.int16, copy=False)
     return out
 
 
@@ -259,11 +293,12 @@ def _scale_to_hu(raw: np.ndarray, slope: float, inter: float) -> np.ndarray:
     return hu if hu.dtype in (np.int16, np.float32) else hu.astype(np.float32)
 
 
-def _check_finite(path, array: np.ndarray) -> None:
+def _check_finite(path, array: np.ndarray, slope: float = 1.0, inter: float = 0.0) -> None:
     if array.dtype.kind == "f":
         bad = array.size - int(np.count_nonzero(np.isfinite(array)))
         if bad:
-            raise NiftiError(path, f"{bad} of {array.size} voxels are NaN or inf")
+            scaled = f" after scl_slope {slope:g}, scl_inter {inter:g}" if (slope, inter) != (1, 0) else ""
+            raise NiftiError(path, f"{bad} of {array.size} voxels are NaN or inf{scaled}")
 
 
 def _check_ct_intensities(path, hu: np.ndarray, disk_dtype: np.dtype) -> None:
@@ -282,13 +317,12 @@ def _check_ct_intensities(path, hu: np.ndarray, disk_dtype: np.dtype) -> None:
         raise NiftiError(path, f"maximum is {high:g} HU: no tissue above {MIN_MAX_HU:g} HU, so not CT in HU")
 
 
-def _warn_about_orientation(path, img: nib.Nifti1Image) -> None:
-    header = img.header
+def _warn_about_orientation(path, header, affine: np.ndarray) -> None:
     if int(header["sform_code"]) == 0 and int(header["qform_code"]) == 0:
         warnings.warn(f"{path}: no orientation in the header (sform_code = qform_code = 0); orientation "
                       "is unknown and assumed from pixdim (nibabel's default affine)", UserWarning,
                       stacklevel=3)
-    tilt = float(np.degrees(nib.affines.obliquity(img.affine)).max())
+    tilt = float(np.degrees(nib.affines.obliquity(affine)).max())
     if tilt > OBLIQUE_TOLERANCE_DEG:
         warnings.warn(f"{path}: the volume is oblique ({tilt:.1f} degrees off the world axes); slices "
                       "are taken along the nearest voxel axis without resampling, and predictions keep "
