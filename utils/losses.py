@@ -3,7 +3,7 @@
 Class ids: 0 is background, 1..C-1 are organs (``utils/labels.py``); every function takes
 ``num_classes`` and nothing assumes 12.
 
-Losses (torch). All take ``(logits, target, distance, annotated)`` so the training loop calls
+Losses (torch). All take ``(logits, target, distance, label_sets)`` so the training loop calls
 them one way, and compute in float32 even under autocast (float64 input stays float64):
 
 - :class:`WeightedCELoss`: class-weighted cross-entropy plus a boundary term that weights each
@@ -32,7 +32,9 @@ a source that leaves organs out is background plus those organs; a label meaning
   ``e_k`` (to be minimised).
 
 ``label_sets=None`` means every class is certain; the losses then equal the ordinary ones, and
-with only single-class rows besides row 0 they equal the annotated-mask losses of before exactly.
+with only single-class rows besides row 0 they equal the annotated-mask losses of before exactly
+(``tests/test_losses.py`` checks values and gradients with ``torch.equal``). The label-set
+helpers and exclusion terms live in ``utils/partial_labels.py``.
 """
 
 from __future__ import annotations

@@ -17,8 +17,14 @@ multi-organ segmentation", Medical Image Analysis 70, 101979):
   uncertain organ ``k`` the pixels known not to be ``k`` form the exclusion mask ``e_k``
   (:func:`exclusion_masks`); the cross-entropy side penalises ``-log(1 - p_k)`` on ``e_k`` and
   the Dice side adds the soft Dice between ``p_k`` and ``e_k``. The masks follow the authors'
-  code (``expand_gt``: an unlabelled organ's mask is ``1 - g_background``, the pixels labelled
-  with an organ); the Dice side is their ``Exclusion_loss(SoftDiceLoss)``, +Dice, minimised.
+  code (github.com/MIRACLE-Center/Partially-supervised-multi-organ-segmentation,
+  ``nnunet/training/loss_functions/dice_loss.py``: ``expand_gt`` gives an unlabelled organ the
+  mask ``1 - g_background``, the pixels labelled with an organ; ``Exclusion_loss`` adds
+  ``+Dice(p_n, e_n)``). Differences, on purpose: their code also gives labelled classes a mask
+  (``1 - g_n``, which repeats the ordinary loss) and we keep uncertain organs only; with set-valued
+  labels ``e_k`` is "``k`` not in the pixel's set", which for an organ left out is the same set of
+  pixels; the cross-entropy form ``-log(1 - p_k)`` is ours (their exclusion CE is commented out),
+  chosen because it is 0 at ``p_k = 0``, finite for finite logits and steep as ``p_k -> 1``.
 """
 
 from __future__ import annotations
