@@ -3,8 +3,21 @@ import json
 import numpy as np
 import pytest
 
-from utils.labels import (COLORS, NUM_CLASSES, ORGANS, PKU_EXAMPLE_IDS, EXAMPLE_PKU_MAP, LabelMapError,
-                          get_source, load_label_map)
+from utils.labels import (
+    COLORS,
+    EXAMPLE_PKU_MAP,
+    NUM_CLASSES,
+    ORGAN_IDS,
+    ORGANS,
+    PKU_EXAMPLE_IDS,
+    LabelMapError,
+    get_source,
+    label_sets_from_annotated,
+    label_sets_from_lists,
+    label_sets_to_lists,
+    load_label_map,
+    scoreable_classes,
+)
 
 
 def test_scheme_has_twelve_classes_in_the_fixed_order():
@@ -144,3 +157,54 @@ def test_a_map_for_a_source_with_fixed_ids_is_an_error(name):
 def test_unknown_source():
     with pytest.raises(LabelMapError, match="unknown source 'pkku'"):
         get_source("pkku", EXAMPLE_PKU_MAP)
+
+
+def _ids(*names):
+    return sorted(ORGAN_IDS[name] for name in names)
+
+
+@pytest.mark.parametrize("name", ["full", "abdomenct1k", "pku"])
+def test_single_class_sources_have_identity_rows_and_a_background_row(name):
+    source = get_source(name, EXAMPLE_PKU_MAP if name == "pku" else None)
+    sets = source.label_sets()
+    assert sets.shape == (NUM_CLASSES, NUM_CLASSES) and sets.dtype == bool
+    left_out = [c for c in range(1, NUM_CLASSES) if c not in source.annotated]
+    assert np.flatnonzero(sets[0]).tolist() == [0, *left_out]
+    assert (sets[1:] == np.eye(NUM_CLASSES, dtype=bool)[1:]).all()
+    assert (sets == label_sets_from_annotated(source.annotated)).all()
+    assert scoreable_classes(sets).tolist() == [not left_out] + [c in source.annotated for c in range(1, 12)]
+
+
+def test_totalseg_femur_and_colon_are_sets():
+    source = get_source("totalseg")
+    sets = source.label_sets()
+    assert np.flatnonzero(sets[ORGAN_IDS["femur_head"]]).tolist() == _ids("background", "femur_head")
+    assert np.flatnonzero(sets[ORGAN_IDS["colon"]]).tolist() == _ids("colon", "rectum")
+    assert np.flatnonzero(sets[0]).tolist() == _ids("background", "rectum")
+    assert sets[ORGAN_IDS["liver"]].sum() == 1 and sets[ORGAN_IDS["liver"], ORGAN_IDS["liver"]]
+    # the stored ids stay the nominal ones, so the seed's way trains on the same arrays
+    assert source.remap(np.array([20, 75, 76])).tolist() == _ids("colon", "femur_head", "femur_head")
+    scoreable = {ORGANS[c] for c in np.flatnonzero(scoreable_classes(sets))}
+    assert scoreable == {"bladder", "kidney", "liver", "small_intestine", "spinal_cord", "stomach",
+                         "spleen", "pancreas"}
+
+
+def test_scoreable_classes_of_a_batch_and_of_a_set_id():
+    sets = np.stack([label_sets_from_annotated([1], 3), np.eye(3, dtype=bool)])  # (2, 3, 3)
+    assert scoreable_classes(sets).tolist() == [[False, True, False], [True, True, True]]
+    with_set_id = np.vstack([np.eye(3, dtype=bool), [[False, True, True]]])  # value 3 = {1, 2}
+    assert scoreable_classes(with_set_id).tolist() == [True, False, False]
+
+
+def test_label_sets_round_trip_through_lists_and_reject_bad_rows():
+    sets = get_source("totalseg").label_sets()
+    rows = label_sets_to_lists(sets)
+    assert rows[0] == _ids("background", "rectum") and rows[5] == [5]
+    assert (label_sets_from_lists(rows) == sets).all()
+    json.dumps(rows)  # plain ints, manifest-ready
+    with pytest.raises(ValueError, match="at least 12 rows"):
+        label_sets_from_lists(rows[:3])
+    with pytest.raises(ValueError, match="value 4"):
+        label_sets_from_lists(rows[:4] + [[]] + rows[5:])
+    with pytest.raises(ValueError, match="value 1"):
+        label_sets_from_lists([[0], [12]] + rows[2:])

@@ -2,11 +2,12 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from utils.labels import DEFAULT_CLASS_WEIGHTS
+from utils.labels import DEFAULT_CLASS_WEIGHTS, get_source, label_sets_from_annotated
 from utils.losses import (
     DiceCELoss,
     SoftDiceLoss,
@@ -14,6 +15,14 @@ from utils.losses import (
     boundary_weight,
     build_loss,
     exclusion_term,
+)
+from utils.partial_labels import (
+    exclusion_cross_entropy,
+    exclusion_dice,
+    exclusion_masks,
+    log_one_minus_softmax,
+    scored_rows,
+    set_probabilities,
 )
 
 
@@ -181,7 +190,7 @@ def test_soft_dice_marginal_hand_computed():
 def test_dice_ce_is_the_sum():
     logits, target, distance = _random_batch(classes=12)
     annotated = torch.rand(2, 12) > 0.3
-    kwargs = dict(num_classes=12, sigma=2.0, alpha=3.0, marginal=True, exclusion_weight=0.5)
+    kwargs = {"num_classes": 12, "sigma": 2.0, "alpha": 3.0, "marginal": True, "exclusion_weight": 0.5}
     total = DiceCELoss(**kwargs, dice_weight=0.4)(logits, target, distance, annotated)
     parts = (WeightedCELoss(**kwargs)(logits, target, distance, annotated)
              + 0.4 * SoftDiceLoss(12, marginal=True)(logits, target, distance, annotated))
@@ -216,7 +225,218 @@ def test_bad_inputs_raise():
         loss_fn(logits, target.double(), distance)
     with pytest.raises(ValueError, match="annotated"):
         loss_fn(logits, target, distance, torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="label_sets"):
+        loss_fn(logits, target, distance, torch.ones(2, 2, 3, dtype=torch.bool))  # L < C
+    with pytest.raises(ValueError, match="exclusion"):
+        build_loss("dice_ce", 3, class_weights=None, exclusion="paper")
     with pytest.raises(ValueError, match="class_weights"):
         WeightedCELoss(3)  # the 12 default weights do not fit 3 classes
     with pytest.raises(ValueError, match="unknown loss"):
         build_loss("focal")
+
+
+# ----------------------------------------------------------------------------- label sets
+# A copy of the annotated-mask losses as they were before label sets (git main d0824c5), kept to
+# check that the set-valued losses reduce to them exactly, values and gradients (torch.equal).
+
+
+def _former_cross_entropy(logits, target, distance, annotated, weights, sigma, alpha, marginal,
+                          exclusion_weight):
+    annotated = annotated.clone()
+    annotated[:, 0] = True
+    log_norm = torch.logsumexp(logits, dim=1)
+    nll = log_norm - logits.gather(1, target.unsqueeze(1)).squeeze(1)
+    if marginal:
+        merged = ~annotated
+        merged[:, 0] = True
+        merged_logit = torch.logsumexp(logits.masked_fill(~merged[:, :, None, None], -torch.inf), dim=1)
+        nll = torch.where(target == 0, log_norm - merged_logit, nll)
+    pixel_weights = weights.to(logits)[target]
+    loss = (pixel_weights * nll).sum() / pixel_weights.sum()
+    loss = loss + alpha * (torch.exp(-(distance**2) / (2.0 * sigma**2)) * nll).mean()
+    if exclusion_weight:
+        unannotated = ~annotated
+        unannotated[:, 0] = False
+        kept = torch.logsumexp(logits.masked_fill(unannotated[:, :, None, None], -torch.inf), dim=1)
+        penalty = torch.logsumexp(logits, dim=1) - kept
+        labelled = (target > 0) & annotated.gather(1, target.flatten(1)).view_as(target)
+        pixels = labelled & unannotated.any(dim=1)[:, None, None]
+        loss = loss + exclusion_weight * (penalty * pixels).sum() / pixels.sum().clamp(min=1)
+    return loss
+
+
+def _former_dice(logits, target, annotated, marginal, smooth=1e-5):
+    probs = torch.softmax(logits, dim=1)
+    annotated = annotated.clone()
+    annotated[:, 0] = True
+    scored = torch.ones_like(annotated)
+    if marginal:
+        unannotated = (~annotated).float()[:, :, None, None]
+        background = probs[:, :1] + (probs * unannotated).sum(dim=1, keepdim=True)
+        probs = torch.cat([background, probs[:, 1:] * (1 - unannotated[:, 1:])], dim=1)
+        scored = annotated
+    onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).float()
+    scored_f = scored.float()
+    intersection = ((probs * onehot).sum(dim=(2, 3)) * scored_f).sum(0)
+    predicted = (probs.sum(dim=(2, 3)) * scored_f).sum(0)
+    truth = (onehot.sum(dim=(2, 3)) * scored_f).sum(0)
+    dice = (2 * intersection + smooth) / (predicted + truth + smooth)
+    counted = truth > 0
+    counted[0] = False
+    return ((1 - dice) * counted).sum() / counted.sum().clamp(min=1)
+
+
+def _former_loss(name, logits, target, distance, annotated, marginal, exclusion_weight):
+    weights = torch.tensor(DEFAULT_CLASS_WEIGHTS, dtype=torch.float64)
+    cross_entropy = _former_cross_entropy(logits, target, distance, annotated, weights, 2.0, 3.0,
+                                          marginal, exclusion_weight)
+    if name == "weighted_ce":
+        return cross_entropy
+    dice = _former_dice(logits, target, annotated, marginal)
+    return dice if name == "dice" else cross_entropy + 0.4 * dice
+
+
+@pytest.mark.parametrize("name", ["weighted_ce", "dice", "dice_ce"])
+@pytest.mark.parametrize("marginal, exclusion_weight", [(False, 0.0), (True, 0.0), (True, 0.7),
+                                                        (False, 0.7)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("as_sets", [False, True])
+def test_label_sets_reduce_exactly_to_the_annotated_mask_losses(name, marginal, exclusion_weight,
+                                                                 dtype, as_sets):
+    logits, target, distance = _random_batch(seed=3, batch=3, classes=12, height=7, width=9,
+                                             dtype=dtype)
+    annotated = torch.rand(3, 12, generator=torch.Generator().manual_seed(4)) > 0.4
+    annotated[0] = True  # one fully labelled item; item 2 keeps labels of unannotated organs
+    target[1][~annotated[1][target[1]]] = 0
+    labels = annotated
+    if as_sets:  # what the dataset will pass: one (C, C) matrix per item from labels.py
+        labels = torch.from_numpy(np.stack([label_sets_from_annotated(np.flatnonzero(a), 12)
+                                            for a in annotated.numpy()]))
+    kwargs = {"num_classes": 12, "sigma": 2.0, "alpha": 3.0, "marginal": marginal,
+                  "exclusion_weight": exclusion_weight, "dice_weight": 0.4}
+    if name == "dice":
+        kwargs = {"num_classes": 12, "marginal": marginal, "exclusion_weight": exclusion_weight}
+    former_logits, new_logits = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    former = _former_loss(name, former_logits, target, distance, annotated, marginal, exclusion_weight)
+    new = build_loss(name, **kwargs)(new_logits, target, distance, labels)
+    former.backward()
+    new.backward()
+    assert torch.equal(new, former)
+    assert torch.equal(new_logits.grad, former_logits.grad)
+
+
+def test_marginal_scores_a_pixel_against_its_whole_set():
+    # TotalSegmentator: a colon pixel may be colon or rectum, a femur pixel femur head or
+    # background. Classes 12; the colon pixel's nll is -log(p_colon + p_rectum).
+    sets = torch.from_numpy(get_source("totalseg").label_sets())[None]  # (1, 12, 12)
+    logits = torch.randn(1, 12, 1, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    target = torch.tensor([[[2, 3, 5]]])
+    probs = torch.softmax(logits, dim=1)[0, :, 0]  # (C, 3)
+    nll = [-math.log(probs[2, 0] + probs[6, 0]), -math.log(probs[0, 1] + probs[3, 1]),
+           -math.log(probs[5, 2])]
+    loss = WeightedCELoss(12, class_weights=None, alpha=0.0, marginal=True)(logits, target, None, sets)
+    assert loss.item() == pytest.approx(sum(nll) / 3, rel=1e-12)
+    seed_way = WeightedCELoss(12, class_weights=None, alpha=0.0)(logits, target, None, sets)
+    assert seed_way.item() == pytest.approx(-sum(math.log(probs[c, i]) for i, c in enumerate((2, 3, 5))) / 3)
+
+
+def test_a_set_id_past_the_classes_weighs_its_mean_class_weight():
+    # Three classes plus value 3 = {1, 2}. Pixel a: value 3, logits (0, 1, 2) -> -log(p1 + p2),
+    # weight (2.0 + 1.0) / 2 = 1.5; pixel b: value 0 = {0}, logits (1, 0, 0) -> -log p0, weight 0.3.
+    sets = torch.tensor([[[1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 1, 1]]], dtype=torch.bool)
+    logits = _pixels((0.0, 1.0, 2.0), (1.0, 0.0, 0.0))
+    target = torch.tensor([[[3, 0]]])
+    e = math.exp
+    nll_a = -math.log((e(1) + e(2)) / (1 + e(1) + e(2)))
+    nll_b = -math.log(e(1) / (e(1) + 2))
+    loss_fn = WeightedCELoss(3, class_weights=(0.3, 2.0, 1.0), alpha=0.0, marginal=True)
+    expected = (1.5 * nll_a + 0.3 * nll_b) / 1.8
+    assert loss_fn(logits, target, None, sets).item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_set_probabilities_and_scored_rows_of_totalsegmentator():
+    sets = torch.from_numpy(get_source("totalseg").label_sets())[None]
+    probs = torch.softmax(torch.randn(1, 12, 2, 2, dtype=torch.float64), dim=1)
+    merged = set_probabilities(probs, sets)  # (1, 12, 2, 2)
+    torch.testing.assert_close(merged[:, 2], probs[:, 2] + probs[:, 6])  # colon = {colon, rectum}
+    torch.testing.assert_close(merged[:, 3], probs[:, 3] + probs[:, 0])  # femur = {head, background}
+    torch.testing.assert_close(merged[:, 0], probs[:, 0] + probs[:, 6])  # rectum may hide in 0
+    assert torch.equal(merged[:, 5], probs[:, 5])
+    # the rectum's identity row is inside row 0 and row 2: scored only through them
+    assert scored_rows(sets)[0].tolist() == [c != 6 for c in range(12)]
+
+
+def test_exclusion_masks_use_what_each_pixel_is_known_not_to_be():
+    # TotalSegmentator: uncertain organs colon 2, femur head 3, rectum 6. Pixels stored as
+    # 0 {bg, rectum}, 2 {colon, rectum}, 3 {femur head, bg}, 5 {liver}.
+    sets = torch.from_numpy(get_source("totalseg").label_sets())[None]
+    masks = exclusion_masks(torch.tensor([[[0, 2, 3, 5]]]), sets)[0, :, 0]  # (C, 4)
+    assert masks[2].tolist() == [True, False, True, True]
+    assert masks[3].tolist() == [True, True, False, True]
+    assert masks[6].tolist() == [False, False, True, True]
+    assert not masks[[0, 1, 4, 5, 7, 8, 9, 10, 11]].any()  # certain classes have no mask
+
+
+def test_published_exclusion_cross_entropy_hand_computed():
+    # Four classes, organs 2 and 3 not annotated. Pixel a: label 0, may be {0, 2, 3}: in no mask.
+    # Pixel b: label 1, logits (0, 1, 0.5, -0.5), Z = 1 + e + e^0.5 + e^-0.5: in e_2 and e_3, so
+    #   published = (-log(1 - p2) - log(1 - p3)) / 2 = (-log((Z - e^0.5)/Z) - log((Z - e^-0.5)/Z)) / 2
+    #   merged    = -log(1 - p2 - p3) = -log((1 + e) / Z)
+    logits = _pixels((0.5, -1.0, 2.0, 0.0), (0.0, 1.0, 0.5, -0.5))
+    target = torch.tensor([[[0, 1]]])
+    annotated = torch.tensor([[True, True, False, False]])
+    e = math.exp
+    z = 1 + e(1) + e(0.5) + e(-0.5)
+    published = (-math.log((z - e(0.5)) / z) - math.log((z - e(-0.5)) / z)) / 2
+    merged = -math.log((1 + e(1)) / z)
+    assert exclusion_cross_entropy(logits, target, annotated).item() == pytest.approx(published, rel=1e-12)
+    assert exclusion_term(logits, target, annotated).item() == pytest.approx(merged, rel=1e-12)
+    plain = WeightedCELoss(4, class_weights=None, alpha=0.0, marginal=True)
+    with_exclusion = WeightedCELoss(4, class_weights=None, alpha=0.0, marginal=True,
+                                    exclusion_weight=0.5, exclusion="published")
+    assert with_exclusion(logits, target, None, annotated).item() == pytest.approx(
+        plain(logits, target, None, annotated).item() + 0.5 * published, rel=1e-12)
+    assert exclusion_cross_entropy(logits, torch.zeros_like(target), annotated).item() == 0.0
+
+
+def test_published_exclusion_dice_hand_computed():
+    # Three classes, organ 2 not annotated; e_2 = (0, 1) (pixel b is labelled organ 1), so
+    #   D = (2 p2(b) + s) / (p2(a) + p2(b) + 1 + s), added to the marginal soft Dice.
+    logits = _pixels((0.5, -1.0, 2.0), (0.0, 1.0, 0.5))
+    target = torch.tensor([[[0, 1]]])
+    annotated = torch.tensor([[True, True, False]])
+    p = torch.softmax(logits, dim=1)[0, :, 0].tolist()  # (C, N)
+    dice = (2 * p[2][1] + 1e-5) / (p[2][0] + p[2][1] + 1 + 1e-5)
+    probs = torch.softmax(logits, dim=1)
+    sets = torch.tensor([[[1, 0, 1], [0, 1, 0], [0, 0, 1]]], dtype=torch.bool)
+    assert exclusion_dice(probs, target, sets).item() == pytest.approx(dice, rel=1e-10)
+    marginal = SoftDiceLoss(3, marginal=True)(logits, target, None, annotated)
+    published = SoftDiceLoss(3, marginal=True, exclusion_weight=2.0, exclusion="published")
+    assert published(logits, target, None, annotated).item() == pytest.approx(
+        marginal.item() + 2.0 * dice, rel=1e-10)
+    merged = SoftDiceLoss(3, marginal=True, exclusion_weight=2.0)  # no Dice-side term, as before
+    assert merged(logits, target, None, annotated).item() == marginal.item()
+
+
+def test_log_one_minus_softmax_matches_the_direct_formula_and_stays_finite():
+    logits = torch.randn(2, 5, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    logits[0, 1, 0, 0] = logits[0, 2, 0, 0] = 4.0  # a tie at the maximum
+    direct = torch.log1p(-torch.softmax(logits, dim=1))
+    torch.testing.assert_close(log_one_minus_softmax(logits), direct)
+    huge = (torch.sign(logits) * 1e4).float().requires_grad_()
+    value = log_one_minus_softmax(huge)
+    value.sum().backward()
+    assert torch.isfinite(value).all() and torch.isfinite(huge.grad).all()
+    assert value.max().item() <= 0.0
+
+
+@pytest.mark.parametrize("name", ["weighted_ce", "dice", "dice_ce"])
+def test_published_exclusion_is_stable_and_differentiable(name):
+    logits, target, distance = _random_batch(classes=12, dtype=torch.float32)
+    logits = (torch.sign(logits) * 1e4).requires_grad_()
+    sets = torch.from_numpy(np.stack([get_source("totalseg").label_sets(),
+                                      get_source("abdomenct1k").label_sets()]))
+    loss_fn = build_loss(name, 12, marginal=True, exclusion_weight=1.0, exclusion="published")
+    loss = loss_fn(logits, target, distance, sets)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()

@@ -6,6 +6,20 @@ lookup-table operation and declares which of our organs the source *annotates*. 
 an organ a source does not annotate is written as 0 in its masks although it may be there, which
 is what the partial-label losses (``utils/losses.py``) account for.
 
+Set-valued labels. A stored label value may mean a *set* of our classes. Each source says so with
+:meth:`LabelSource.label_sets`, a bool matrix ``(L, C)`` (``L >= C`` stored values, ``C`` classes):
+row ``l`` is the set of classes a voxel stored as ``l`` may be. Rows of organs the source labels
+with certainty are identity rows; row 0 is background plus every organ the source leaves out
+(a 0 there may be any of them); a source label that covers several of our classes keeps the id
+of its nominal class in the label arrays (what the seed's way trains on) and that row holds the
+whole set. TotalSegmentator: its femur (75/76) is the whole femur, stored as femur head (3) with
+row 3 = {femur_head, background}; it has no rectum class and its colon (20) most likely includes
+the rectum, so row 2 = {colon, rectum} and row 0 = {background, rectum}. Rows past ``C`` are free
+for sources whose labels need a set id besides the nominal one; none does yet. The losses take
+one such matrix per item (``(B, L, C)``), :func:`scoreable_classes` says which classes an
+evaluation may score, and :func:`label_sets_from_annotated` rebuilds the matrix from the older
+list of annotated organs (a manifest written before label sets existed).
+
 Sources:
     ``full``         our own ids (what the phantom writes for fully labelled cases).
     ``abdomenct1k``  1 liver, 2 kidney, 3 spleen, 4 pancreas.
@@ -26,7 +40,8 @@ not a guess: list it under ``"ignore"`` to map it to background on purpose. Ids 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +106,10 @@ TOTALSEG_IDS = {
     18: "small_intestine", 19: "small_intestine", 20: "colon", 21: "bladder",
     75: "femur_head", 76: "femur_head", 79: "spinal_cord",
 }
+# TotalSegmentator labels whose meaning is a set of our classes (nominal organ -> the set):
+# ids 75/76 are the whole femur, of which our femur head is a part (the rest is background here);
+# it has no rectum class, so its colon (20) most likely holds the rectum too.
+TOTALSEG_SETS = {"femur_head": ("femur_head", "background"), "colon": ("colon", "rectum")}
 ABDOMENCT1K_IDS = {1: "liver", 2: "kidney", 3: "spleen", 4: "pancreas"}
 # Ids of the example PKU map shipped in examples/pku_label_map.json (the phantom writes these).
 PKU_EXAMPLE_IDS = {
@@ -116,9 +135,12 @@ class LabelSource:
         name: source name (one of SOURCES).
         lut: (max_id + 1,) uint8 lookup table, source id -> our id.
         known: (max_id + 1,) bool, the source ids the map declares (organs and background).
-        annotated: our organ ids (1..11) this source labels; background is implied.
+        annotated: our organ ids (1..11) this source labels, with certainty or as the nominal
+            class of a set-valued label; background is implied.
         open_ids: True when undeclared ids are background (TotalSegmentator's many other
             structures); False when an undeclared id is an error.
+        ambiguous: our nominal id -> the set of our ids a voxel stored with it may be, for
+            source labels that mean several of our classes (empty for most sources).
     """
 
     name: str
@@ -126,6 +148,7 @@ class LabelSource:
     known: np.ndarray
     annotated: frozenset[int]
     open_ids: bool = False
+    ambiguous: Mapping[int, frozenset[int]] = field(default_factory=dict)
 
     def remap(self, mask: np.ndarray, path: str | Path = "mask") -> np.ndarray:
         """Map a source mask (integer array, any shape) to our ids (uint8, same shape).
@@ -156,6 +179,20 @@ class LabelSource:
         mask[sorted(self.annotated)] = True
         return mask
 
+    def label_sets(self, num_classes: int = NUM_CLASSES) -> np.ndarray:
+        """(C, C) bool: row ``l`` holds the classes a voxel stored as ``l`` may be.
+
+        Row 0 is background plus the organs the source leaves out; rows of set-valued labels
+        (:attr:`ambiguous`) hold their set; every other row is the identity (a value the source
+        never writes keeps its identity row, harmless since no voxel holds it).
+        """
+        sets = np.eye(num_classes, dtype=bool)
+        sets[0, [c for c in range(1, num_classes) if c not in self.annotated]] = True
+        for nominal, classes in self.ambiguous.items():
+            sets[nominal] = False
+            sets[nominal, sorted(classes)] = True
+        return sets
+
     def _unknown_message(self, mask: np.ndarray, path: str | Path) -> str:
         values = np.unique(mask)
         bad = [int(v) for v in values if not 0 <= v < len(self.lut) or not self.known[v]]
@@ -163,7 +200,10 @@ class LabelSource:
                 f"(known ids: {np.flatnonzero(self.known).tolist()})")
 
 
-def _source(name: str, ids: dict[int, str], background_ids=(), open_ids=False) -> LabelSource:
+def _source(name: str, ids: dict[int, str], background_ids=(), open_ids=False,
+            sets: Mapping[str, Iterable[str]] | None = None) -> LabelSource:
+    """A LabelSource from {source id: our organ name}; ``sets`` maps a nominal organ to the
+    organ names its label may be (set-valued labels, see the module docstring)."""
     size = max([*ids, *background_ids, 0]) + 1
     lut = np.zeros(size, dtype=np.uint8)
     known = np.zeros(size, dtype=bool)
@@ -171,7 +211,9 @@ def _source(name: str, ids: dict[int, str], background_ids=(), open_ids=False) -
     for source_id, organ in ids.items():
         lut[source_id] = ORGAN_IDS[organ]
         known[source_id] = True
-    return LabelSource(name, lut, known, frozenset(int(v) for v in lut if v > 0), open_ids)
+    ambiguous = {ORGAN_IDS[nominal]: frozenset(ORGAN_IDS[organ] for organ in classes)
+                 for nominal, classes in (sets or {}).items()}
+    return LabelSource(name, lut, known, frozenset(int(v) for v in lut if v > 0), open_ids, ambiguous)
 
 
 def canonical_organ(name: str) -> str | None:
@@ -263,7 +305,7 @@ def get_source(name: str, label_map: str | Path | None = None) -> LabelSource:
     """
     fixed = {"full": lambda: _source("full", dict(enumerate(ORGANS[1:], start=1))),
              "abdomenct1k": lambda: _source("abdomenct1k", ABDOMENCT1K_IDS),
-             "totalseg": lambda: _source("totalseg", TOTALSEG_IDS, open_ids=True)}
+             "totalseg": lambda: _source("totalseg", TOTALSEG_IDS, open_ids=True, sets=TOTALSEG_SETS)}
     if name not in SOURCES:
         raise LabelMapError(f"unknown source '{name}'; choose one of {', '.join(SOURCES)}")
     if name in fixed:
@@ -287,3 +329,52 @@ EXAMPLE_PKU_MAP = Path(__file__).resolve().parents[1] / "examples" / "pku_label_
 def organ_names(ids) -> list[str]:
     """Names for a collection of class ids, in id order."""
     return [ORGANS[i] for i in sorted(ids)]
+
+
+# ----------------------------------------------------------------------------- label sets
+
+
+def label_sets_from_annotated(annotated: Iterable[int], num_classes: int = NUM_CLASSES) -> np.ndarray:
+    """(C, C) bool label sets of a source that annotates the organ ids ``annotated`` with
+    certainty: identity rows, row 0 = background plus the other organs."""
+    sets = np.eye(num_classes, dtype=bool)
+    annotated = {int(i) for i in annotated}
+    sets[0, [c for c in range(1, num_classes) if c not in annotated]] = True
+    return sets
+
+
+def scoreable_classes(label_sets: np.ndarray) -> np.ndarray:
+    """Which classes an evaluation may score: a class is scoreable when every stored value whose
+    set holds it means that class alone, so the reference says for each voxel whether it is there.
+
+    Args:
+        label_sets: ``(..., L, C)`` bool.
+
+    Returns:
+        ``(..., C)`` bool. Organs a source leaves out (they are in row 0) and the classes of a
+        set-valued label (TotalSegmentator's colon and rectum, femur head and background) are
+        False; with every row a single class all are True.
+    """
+    label_sets = np.asarray(label_sets, dtype=bool)
+    ambiguous_rows = label_sets.sum(axis=-1) > 1  # (..., L)
+    return ~(label_sets & ambiguous_rows[..., None]).any(axis=-2)
+
+
+def label_sets_to_lists(label_sets: np.ndarray) -> list[list[int]]:
+    """``(L, C)`` bool -> one sorted list of class ids per row (for JSON manifests)."""
+    return [np.flatnonzero(row).tolist() for row in np.asarray(label_sets, dtype=bool)]
+
+
+def label_sets_from_lists(rows: list[list[int]], num_classes: int = NUM_CLASSES) -> np.ndarray:
+    """Inverse of :func:`label_sets_to_lists`: ``(L, C)`` bool. Raises ValueError for fewer than
+    ``num_classes`` rows, an empty row, or a class id outside ``0..num_classes-1``."""
+    if len(rows) < num_classes:
+        raise ValueError(f"label sets need at least {num_classes} rows, got {len(rows)}")
+    sets = np.zeros((len(rows), num_classes), dtype=bool)
+    for value, classes in enumerate(rows):
+        bad = [c for c in classes if not (isinstance(c, int) and 0 <= c < num_classes)]
+        if bad or not classes:
+            raise ValueError(f"label set of value {value} must list class ids in 0..{num_classes - 1}, "
+                             f"got {classes}")
+        sets[value, classes] = True
+    return sets

@@ -3,7 +3,7 @@
 Class ids: 0 is background, 1..C-1 are organs (``utils/labels.py``); every function takes
 ``num_classes`` and nothing assumes 12.
 
-Losses (torch). All take ``(logits, target, distance, annotated)`` so the training loop calls
+Losses (torch). All take ``(logits, target, distance, label_sets)`` so the training loop calls
 them one way, and compute in float32 even under autocast (float64 input stays float64):
 
 - :class:`WeightedCELoss`: class-weighted cross-entropy plus a boundary term that weights each
@@ -11,17 +11,30 @@ them one way, and compute in float32 even under autocast (float64 input stays fl
 - :class:`SoftDiceLoss`: batch soft Dice over organs.
 - :class:`DiceCELoss`: the sum of the two.
 
-Partial labels (Shi et al. 2021, "Marginal loss and exclusion loss for partially supervised
-multi-organ segmentation"). ``annotated`` is a bool tensor ``(B, C)``: ``annotated[b, c]`` says
-whether the source of item ``b`` labels class ``c`` (background is always annotated). A pixel
-labelled 0 in such an item may really be an unannotated organ, so:
+Partial and set-valued labels (Shi et al. 2021, "Marginal loss and exclusion loss for partially
+supervised multi-organ segmentation", Medical Image Analysis 70, 101979). The fourth argument,
+``label_sets``, is a bool tensor ``(B, L, C)``: ``label_sets[b, l]`` is the set of classes a pixel
+of item ``b`` stored as ``l`` may be (``utils/labels.py``: ``LabelSource.label_sets``). Row 0 of
+a source that leaves organs out is background plus those organs; a label meaning several classes
+(TotalSegmentator's whole femur = {femur head, background}) has that set as its row. The older
+``(B, C)`` bool ``annotated`` mask is accepted too and converted (:func:`label_sets_tensor`).
 
-- marginal (``marginal=True``): background and the unannotated organs of an item merge into one
-  class whose probability is the sum of theirs; a background pixel is scored against that sum.
-- exclusion (``exclusion_weight > 0``): a pixel labelled with an annotated organ cannot be an
-  unannotated organ, so probability mass on the unannotated organs is penalised there.
+- marginal (``marginal=True``): a pixel is scored against the summed probability of its set,
+  ``-log sum_{c in set(y)} p_c`` (a logsumexp over the set); the soft Dice scores each stored
+  value against the summed probability of its set.
+- exclusion (``exclusion_weight > 0``): an organ is *uncertain* in an item when some row of the
+  item holding it holds other classes too (organs left out, parts of a set-valued label).
+  ``exclusion="merged"`` (this project's first version): on pixels whose class is certain,
+  ``-log(1 - q)`` with ``q`` the summed probability of the item's uncertain organs.
+  ``exclusion="published"`` (Shi et al.): per uncertain organ ``k`` the pixels known not to be
+  ``k`` (``k`` not in their set) form the exclusion mask ``e_k``; the cross-entropy side adds the
+  mean of ``-log(1 - p_k)`` over ``e_k``, the Dice side adds the soft Dice between ``p_k`` and
+  ``e_k`` (to be minimised).
 
-``annotated=None`` means every class is annotated; the losses then equal the ordinary ones.
+``label_sets=None`` means every class is certain; the losses then equal the ordinary ones, and
+with only single-class rows besides row 0 they equal the annotated-mask losses of before exactly
+(``tests/test_losses.py`` checks values and gradients with ``torch.equal``). The label-set
+helpers and exclusion terms live in ``utils/partial_labels.py``.
 """
 
 from __future__ import annotations
@@ -33,9 +46,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from utils.labels import DEFAULT_CLASS_WEIGHTS, NUM_CLASSES
+from utils.partial_labels import (  # noqa: F401  (annotated_mask, exclusion_term: former home)
+    annotated_mask,
+    at_least_float32,
+    exclusion_cross_entropy,
+    exclusion_dice,
+    exclusion_term,
+    label_sets_tensor,
+    pixel_label_sets,
+    scored_rows,
+    set_probabilities,
+)
 
 LOSS_NAMES = ("weighted_ce", "dice", "dice_ce")
-
+EXCLUSION_MODES = ("merged", "published")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -51,13 +75,8 @@ def boundary_weight(distance: torch.Tensor, sigma: float) -> torch.Tensor:
     Returns:
         ``(B, H, W)`` weights in (0, 1], float32 (float64 for float64 input).
     """
-    distance = _at_least_float32(distance)
+    distance = at_least_float32(distance)
     return torch.exp(-(distance**2) / (2.0 * sigma**2))
-
-
-def _at_least_float32(values: torch.Tensor) -> torch.Tensor:
-    """Half-precision values (autocast) go up to float32; float64 stays float64."""
-    return values if values.dtype == torch.float64 else values.float()
 
 
 def _check_inputs(logits: torch.Tensor, target: torch.Tensor, num_classes: int) -> None:
@@ -68,19 +87,6 @@ def _check_inputs(logits: torch.Tensor, target: torch.Tensor, num_classes: int) 
         raise ValueError(f"target must be (B, H, W) = {expected}, got {tuple(target.shape)}")
     if target.is_floating_point():
         raise ValueError(f"target must hold integer class ids, got dtype {target.dtype}")
-
-
-def annotated_mask(annotated: torch.Tensor | None, batch: int, num_classes: int,
-                    device: torch.device) -> torch.Tensor | None:
-    """Validated ``(B, C)`` bool mask with background forced to True, or None."""
-    if annotated is None:
-        return None
-    if annotated.shape != (batch, num_classes):
-        raise ValueError(f"annotated must be (B, C) = ({batch}, {num_classes}), "
-                         f"got {tuple(annotated.shape)}")
-    annotated = annotated.to(device=device, dtype=torch.bool).clone()
-    annotated[:, 0] = True
-    return annotated
 
 
 def _class_weight_tensor(class_weights: Sequence[float] | None, num_classes: int) -> torch.Tensor:
@@ -95,66 +101,71 @@ def _class_weight_tensor(class_weights: Sequence[float] | None, num_classes: int
 # ----------------------------------------------------------------------------- losses
 
 
+def _check_exclusion(exclusion: str) -> str:
+    if exclusion not in EXCLUSION_MODES:
+        raise ValueError(f"unknown exclusion {exclusion!r}; choose one of {EXCLUSION_MODES}")
+    return exclusion
+
+
 class WeightedCELoss(nn.Module):
     """Class-weighted cross-entropy plus a boundary-weighted term, with partial-label options.
 
-    ``loss = sum_x w_{y_x} nll_x / sum_x w_{y_x}  +  alpha * mean_x(b_x * nll_x)
-    + exclusion_weight * exclusion``, where ``nll_x = -log p(y_x | x)``, ``w`` are the class
-    weights and ``b_x = boundary_weight(distance_x, sigma)``. The boundary term is a plain mean
-    over all pixels of the batch and does not use the class weights.
+    ``loss = sum_x w_x nll_x / sum_x w_x  +  alpha * mean_x(b_x * nll_x)
+    + exclusion_weight * exclusion``, where ``nll_x = -log p(y_x | x)``, ``w_x`` is the class
+    weight of the pixel's stored value and ``b_x = boundary_weight(distance_x, sigma)``. The
+    boundary term is a plain mean over all pixels of the batch and does not use the class weights.
 
-    With ``marginal=True`` and ``annotated`` given, for a pixel labelled 0 ``p(y_x)`` is the
-    summed probability of background and the item's unannotated organs, computed as
-    ``logsumexp(merged logits) - logsumexp(all logits)``; its class weight is ``class_weights[0]``.
-    A pixel labelled with an organ uses that organ's own probability.
+    With ``marginal=True`` and ``label_sets`` given, ``p(y_x)`` is the summed probability of the
+    pixel's set, ``logsumexp(logits over the set) - logsumexp(all logits)``; a stored value past
+    the classes (a set id, row ``l >= C``) weighs the mean of its set's class weights.
 
-    The exclusion term is the mean of ``-log(1 - q_x)`` over pixels labelled with an annotated
-    organ in items that have at least one unannotated organ, ``q_x`` being the summed
-    probability of those unannotated organs; it is 0 when there are no such pixels.
+    Exclusion (needs ``label_sets``; see the module docstring): ``"merged"`` is the mean of
+    ``-log(1 - q_x)`` over pixels whose class is a certain organ, in items with uncertain organs,
+    ``q_x`` the summed probability of those organs; ``"published"`` is
+    :func:`exclusion_cross_entropy`. Either is 0 when no pixel qualifies.
 
     Args:
         num_classes: C, background included.
         class_weights: C weights (None for all ones).
         sigma: boundary band width in pixels.
         alpha: weight of the boundary term (0 disables it; ``distance`` may then be None).
-        marginal: merge unannotated organs into background (needs ``annotated``).
-        exclusion_weight: weight of the exclusion term (needs ``annotated``).
+        marginal: score each pixel against its label set (needs ``label_sets``).
+        exclusion_weight: weight of the exclusion term (needs ``label_sets``).
+        exclusion: ``"merged"`` or ``"published"``.
 
     Shape:
-        logits ``(B, C, H, W)``, target ``(B, H, W)`` int, distance ``(B, H, W)`` float,
-        annotated ``(B, C)`` bool or None; returns a float32 scalar.
+        logits ``(B, C, H, W)``, target ``(B, H, W)`` int in ``0..L-1``, distance ``(B, H, W)``
+        float, label_sets ``(B, L, C)`` or ``(B, C)`` bool or None; returns a float32 scalar.
     """
 
     def __init__(self, num_classes: int = NUM_CLASSES,
                  class_weights: Sequence[float] | None = DEFAULT_CLASS_WEIGHTS,
                  sigma: float = 3.0, alpha: float = 10.0, marginal: bool = False,
-                 exclusion_weight: float = 0.0):
+                 exclusion_weight: float = 0.0, exclusion: str = "merged"):
         super().__init__()
         self.num_classes = num_classes
         self.sigma = sigma
         self.alpha = alpha
         self.marginal = marginal
         self.exclusion_weight = exclusion_weight
+        self.exclusion = _check_exclusion(exclusion)
         self.register_buffer("class_weights", _class_weight_tensor(class_weights, num_classes),
                              persistent=False)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor,
                 distance: torch.Tensor | None = None,
-                annotated: torch.Tensor | None = None) -> torch.Tensor:
+                label_sets: torch.Tensor | None = None) -> torch.Tensor:
         _check_inputs(logits, target, self.num_classes)
-        logits, target = _at_least_float32(logits), target.long()
-        annotated = annotated_mask(annotated, logits.shape[0], self.num_classes, logits.device)
+        logits, target = at_least_float32(logits), target.long()
+        sets = label_sets_tensor(label_sets, logits.shape[0], self.num_classes, logits.device)
         log_norm = torch.logsumexp(logits, dim=1)  # (B, H, W)
-        target_logit = logits.gather(1, target.unsqueeze(1)).squeeze(1)  # (B, H, W)
-        nll = log_norm - target_logit
-        if self.marginal and annotated is not None:
-            merged = ~annotated  # (B, C): background + unannotated organs
-            merged[:, 0] = True
-            merged_logits = logits.masked_fill(~merged[:, :, None, None], -torch.inf)
-            merged_logit = torch.logsumexp(merged_logits, dim=1)  # (B, H, W)
-            nll = torch.where(target == 0, log_norm - merged_logit, nll)
+        if self.marginal and sets is not None:
+            outside = ~pixel_label_sets(sets, target)  # (B, C, H, W)
+            nll = log_norm - torch.logsumexp(logits.masked_fill(outside, -torch.inf), dim=1)
+        else:
+            nll = log_norm - logits.gather(1, target.unsqueeze(1)).squeeze(1)  # (B, H, W)
 
-        weights = self.class_weights.to(logits)[target]  # (B, H, W), in the logits' dtype
+        weights = self._pixel_weights(target, sets).to(logits)  # (B, H, W)
         loss = (weights * nll).sum() / weights.sum()
         if self.alpha:
             if distance is None:
@@ -164,36 +175,20 @@ class WeightedCELoss(nn.Module):
                                  f"got {tuple(distance.shape)}")
             band = boundary_weight(distance, self.sigma).to(nll.dtype)  # (B, H, W)
             loss = loss + self.alpha * (band * nll).mean()
-        if self.exclusion_weight and annotated is not None:
-            loss = loss + self.exclusion_weight * exclusion_term(logits, target, annotated)
+        if self.exclusion_weight and sets is not None:
+            term = (exclusion_term(logits, target, sets) if self.exclusion == "merged"
+                    else exclusion_cross_entropy(logits, target, sets))
+            loss = loss + self.exclusion_weight * term
         return loss
 
-
-def exclusion_term(logits: torch.Tensor, target: torch.Tensor,
-                   annotated: torch.Tensor) -> torch.Tensor:
-    """Mean ``-log(1 - q)`` on pixels labelled with an annotated organ (see WeightedCELoss).
-
-    ``q`` is the summed softmax probability of the item's unannotated organs, and
-    ``-log(1 - q) = logsumexp(all logits) - logsumexp(logits of the other classes)``, which stays
-    finite for any logits. Pixels of items with every organ annotated are left out.
-
-    Args:
-        logits: ``(B, C, H, W)`` float.
-        target: ``(B, H, W)`` int class ids.
-        annotated: ``(B, C)`` bool, background True.
-
-    Returns:
-        float scalar, 0 (with a graph) when no pixel qualifies.
-    """
-    logits = _at_least_float32(logits)
-    unannotated = ~annotated  # (B, C)
-    unannotated[:, 0] = False
-    kept_logits = logits.masked_fill(unannotated[:, :, None, None], -torch.inf)  # (B, C, H, W)
-    kept_logit = torch.logsumexp(kept_logits, dim=1)  # (B, H, W)
-    penalty = torch.logsumexp(logits, dim=1) - kept_logit  # (B, H, W), -log(1 - q)
-    labelled_organ = (target > 0) & annotated.gather(1, target.flatten(1)).view_as(target)
-    pixels = labelled_organ & unannotated.any(dim=1)[:, None, None]  # (B, H, W)
-    return (penalty * pixels).sum() / pixels.sum().clamp(min=1)
+    def _pixel_weights(self, target: torch.Tensor, sets: torch.Tensor | None) -> torch.Tensor:
+        """Class weight of each pixel's stored value; a set id weighs its set's mean weight."""
+        if sets is None or sets.shape[1] == self.num_classes:
+            return self.class_weights[target]
+        extra = sets[:, self.num_classes:].to(self.class_weights.dtype)  # (B, L - C, C)
+        extra_weights = (extra @ self.class_weights) / extra.sum(-1).clamp(min=1)  # (B, L - C)
+        rows = torch.cat([self.class_weights.expand(len(sets), -1), extra_weights], dim=1)
+        return rows.gather(1, target.flatten(1)).view_as(target)
 
 
 class SoftDiceLoss(nn.Module):
@@ -205,96 +200,115 @@ class SoftDiceLoss(nn.Module):
     classes neither count as perfect nor swamp the mean (their false positives are left to the
     cross-entropy of :class:`DiceCELoss`). If no scored class is present the loss is 0.
 
-    With ``marginal=True`` and ``annotated``, each item's unannotated organs have their
-    probabilities added to its background channel, and the item's sums are left out of those
-    classes' Dice (a per-item mask over the (B, C) partial sums).
+    With ``marginal=True`` and ``label_sets``, each stored value ``l`` is scored against the
+    summed probability of its set (:func:`set_probabilities`), the values being rows ``0..L-1``
+    in place of classes; an item leaves out the rows :func:`scored_rows` drops. With an annotated
+    mask this is the former rule: unannotated organs' probabilities join background and are not
+    scored on their own. With ``exclusion="published"`` and ``exclusion_weight > 0`` the loss
+    adds ``exclusion_weight * exclusion_dice``.
 
     Args:
         num_classes: C, background included.
         smooth: added to numerator and denominator.
-        include_background: also score class 0.
-        marginal: partial-label handling as above (needs ``annotated``).
+        include_background: also score class 0 (row 0).
+        marginal: partial-label handling as above (needs ``label_sets``).
+        exclusion_weight: weight of the published Dice exclusion (needs ``label_sets``).
+        exclusion: ``"merged"`` (no Dice-side term, as before) or ``"published"``.
 
     Shape:
-        logits ``(B, C, H, W)``, target ``(B, H, W)`` int, annotated ``(B, C)`` bool or None;
-        ``distance`` is accepted and ignored so all losses share one call; returns a float32 scalar.
+        logits ``(B, C, H, W)``, target ``(B, H, W)`` int, label_sets ``(B, L, C)`` or ``(B, C)``
+        bool or None; ``distance`` is accepted and ignored so all losses share one call; returns
+        a float32 scalar.
     """
 
     def __init__(self, num_classes: int = NUM_CLASSES, smooth: float = 1e-5,
-                 include_background: bool = False, marginal: bool = False):
+                 include_background: bool = False, marginal: bool = False,
+                 exclusion_weight: float = 0.0, exclusion: str = "merged"):
         super().__init__()
         self.num_classes = num_classes
         self.smooth = smooth
         self.include_background = include_background
         self.marginal = marginal
+        self.exclusion_weight = exclusion_weight
+        self.exclusion = _check_exclusion(exclusion)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor,
                 distance: torch.Tensor | None = None,
-                annotated: torch.Tensor | None = None) -> torch.Tensor:
+                label_sets: torch.Tensor | None = None) -> torch.Tensor:
         _check_inputs(logits, target, self.num_classes)
-        probs = torch.softmax(_at_least_float32(logits), dim=1)  # (B, C, H, W)
+        probs = torch.softmax(at_least_float32(logits), dim=1)  # (B, C, H, W)
         batch = logits.shape[0]
-        annotated = annotated_mask(annotated, batch, self.num_classes, logits.device)
-        scored = torch.ones(batch, self.num_classes, dtype=torch.bool, device=logits.device)
-        if self.marginal and annotated is not None:
-            unannotated = (~annotated).float()[:, :, None, None]  # (B, C, 1, 1)
-            background = probs[:, :1] + (probs * unannotated).sum(dim=1, keepdim=True)
-            probs = torch.cat([background, probs[:, 1:] * (1 - unannotated[:, 1:])], dim=1)
-            scored = annotated
-        onehot = F.one_hot(target.long(), self.num_classes)  # (B, H, W, C)
-        onehot = onehot.permute(0, 3, 1, 2).float()  # (B, H, W, C) -> (B, C, H, W)
+        sets = label_sets_tensor(label_sets, batch, self.num_classes, logits.device)
+        rows, scored = self.num_classes, torch.ones(batch, self.num_classes, dtype=torch.bool,
+                                                    device=logits.device)
+        scored_probs = probs
+        if self.marginal and sets is not None:
+            rows, scored = sets.shape[1], scored_rows(sets)
+            scored_probs = set_probabilities(probs, sets)  # (B, L, H, W)
+        onehot = F.one_hot(target.long(), rows)  # (B, H, W, L)
+        onehot = onehot.permute(0, 3, 1, 2).float()  # (B, H, W, L) -> (B, L, H, W)
         scored_f = scored.float()
-        intersection = ((probs * onehot).sum(dim=(2, 3)) * scored_f).sum(0)  # (B, C) -> (C,)
-        predicted = (probs.sum(dim=(2, 3)) * scored_f).sum(0)
+        intersection = ((scored_probs * onehot).sum(dim=(2, 3)) * scored_f).sum(0)  # (B, L) -> (L,)
+        predicted = (scored_probs.sum(dim=(2, 3)) * scored_f).sum(0)
         truth = (onehot.sum(dim=(2, 3)) * scored_f).sum(0)
-        dice = (2 * intersection + self.smooth) / (predicted + truth + self.smooth)  # (C,)
+        dice = (2 * intersection + self.smooth) / (predicted + truth + self.smooth)  # (L,)
         counted = truth > 0
         if not self.include_background:
             counted[0] = False
-        return ((1 - dice) * counted).sum() / counted.sum().clamp(min=1)
+        loss = ((1 - dice) * counted).sum() / counted.sum().clamp(min=1)
+        if self.exclusion == "published" and self.exclusion_weight and sets is not None:
+            loss = loss + self.exclusion_weight * exclusion_dice(probs, target, sets, self.smooth)
+        return loss
 
 
 class DiceCELoss(nn.Module):
     """``WeightedCELoss + dice_weight * SoftDiceLoss``, sharing the partial-label settings.
 
     Args are those of :class:`WeightedCELoss` plus ``dice_weight``, ``smooth`` and
-    ``include_background`` of :class:`SoftDiceLoss`. Same call and shapes as WeightedCELoss.
+    ``include_background`` of :class:`SoftDiceLoss`. With ``exclusion="published"`` the
+    cross-entropy side carries the exclusion cross-entropy and the Dice side the exclusion Dice
+    (so the latter is scaled by ``dice_weight`` too). Same call and shapes as WeightedCELoss.
     """
 
     def __init__(self, num_classes: int = NUM_CLASSES,
                  class_weights: Sequence[float] | None = DEFAULT_CLASS_WEIGHTS,
                  sigma: float = 3.0, alpha: float = 10.0, marginal: bool = False,
                  exclusion_weight: float = 0.0, dice_weight: float = 1.0, smooth: float = 1e-5,
-                 include_background: bool = False):
+                 include_background: bool = False, exclusion: str = "merged"):
         super().__init__()
         self.dice_weight = dice_weight
         self.cross_entropy = WeightedCELoss(num_classes, class_weights, sigma, alpha, marginal,
-                                            exclusion_weight)
-        self.dice = SoftDiceLoss(num_classes, smooth, include_background, marginal)
+                                            exclusion_weight, exclusion)
+        self.dice = SoftDiceLoss(num_classes, smooth, include_background, marginal,
+                                 exclusion_weight, exclusion)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor,
                 distance: torch.Tensor | None = None,
-                annotated: torch.Tensor | None = None) -> torch.Tensor:
-        return (self.cross_entropy(logits, target, distance, annotated)
-                + self.dice_weight * self.dice(logits, target, distance, annotated))
+                label_sets: torch.Tensor | None = None) -> torch.Tensor:
+        return (self.cross_entropy(logits, target, distance, label_sets)
+                + self.dice_weight * self.dice(logits, target, distance, label_sets))
 
 
 def build_loss(name: str, num_classes: int = NUM_CLASSES,
                class_weights: Sequence[float] | None = DEFAULT_CLASS_WEIGHTS,
                sigma: float = 3.0, alpha: float = 10.0, marginal: bool = False,
-               exclusion_weight: float = 0.0, dice_weight: float = 1.0) -> nn.Module:
+               exclusion_weight: float = 0.0, dice_weight: float = 1.0,
+               exclusion: str = "merged") -> nn.Module:
     """The loss called ``name`` ('weighted_ce' | 'dice' | 'dice_ce').
 
-    Every returned loss is called as ``loss(logits, target, distance, annotated)``. 'dice' uses
-    only ``num_classes`` and ``marginal``.
+    Every returned loss is called as ``loss(logits, target, distance, label_sets)``. 'dice' uses
+    only ``num_classes``, ``marginal`` and (published exclusion only) ``exclusion_weight``.
+    ``exclusion`` picks the exclusion term: ``"merged"`` (default, this project's first form)
+    or ``"published"`` (Shi et al. 2021).
     """
+    _check_exclusion(exclusion)
     if name == "weighted_ce":
-        return WeightedCELoss(num_classes, class_weights, sigma, alpha, marginal, exclusion_weight)
+        return WeightedCELoss(num_classes, class_weights, sigma, alpha, marginal, exclusion_weight,
+                              exclusion)
     if name == "dice":
-        return SoftDiceLoss(num_classes, marginal=marginal)
+        return SoftDiceLoss(num_classes, marginal=marginal, exclusion_weight=exclusion_weight,
+                            exclusion=exclusion)
     if name == "dice_ce":
         return DiceCELoss(num_classes, class_weights, sigma, alpha, marginal, exclusion_weight,
-                          dice_weight)
+                          dice_weight, exclusion=exclusion)
     raise ValueError(f"unknown loss {name!r}; choose one of {LOSS_NAMES}")
-
-

@@ -10,17 +10,27 @@ Metrics and their empty-case conventions:
   slices. A class never present gets NaN. A slice on which the class is predicted but absent from
   the ground truth is not scored by Dice but counted in ``false_positive_slices``, so false
   positives on organ-free slices stay visible.
-- 3D per case (numpy): :func:`dice_iou_3d` is NaN when both masks are empty and 0 when exactly one
-  is; :func:`hd95_mm` is NaN when either mask is empty (a distance to nothing is undefined; the
-  miss shows up in Dice and :func:`false_positive_volume_ml` instead); :func:`surface_dice` is
-  NaN when both are empty and 0 when exactly one is; :func:`false_positive_volume_ml` is the
-  predicted volume when the ground truth is empty and 0 otherwise.
+- 3D per case (numpy): :func:`dice_iou_3d` is NaN when both masks are empty (nothing to score)
+  and 0 when exactly one is, so an organ predicted where the ground truth has none scores Dice 0
+  (as in nnU-Net and most challenges); :func:`hd95_mm` is NaN when either mask is empty (a
+  distance to nothing is undefined): a missed organ is then counted and penalised by the
+  summaries below, never skipped; :func:`surface_dice` is the normalised surface Dice of
+  Nikolov et al. (2021) with surface-area weighting (``utils/surface_distance.py``), NaN when
+  both are empty and 0 when exactly one is; :func:`false_positive_volume_ml` is the predicted
+  volume when the ground truth is empty and 0 otherwise.
+- Summaries over cases (pure functions for ``training/evaluate.py``): :func:`summarize_hd95`
+  (mean with each miss counted at :func:`miss_penalty_mm`, the diagonal of the case's volume,
+  plus the miss count), :func:`summarize_false_positive_volume` (over ground-truth-empty cases
+  only), and :func:`organ_tolerance_mm` for per-organ surface-Dice tolerances.
+- Ambiguous references (set-valued labels, ``utils/labels.py``): :func:`reference_masks` gives,
+  for one class, the voxels where the reference says it certainly is and where it may be; a
+  class whose two masks differ cannot be scored against that reference.
 """
 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 
 import numpy as np
@@ -29,7 +39,8 @@ import torch.distributed as dist
 from scipy import ndimage
 
 from utils.labels import NUM_CLASSES
-from utils.losses import annotated_mask
+from utils.partial_labels import label_sets_tensor, scoreable
+from utils.surface_distance import crop_to_union, surfel_distances
 
 # ----------------------------------------------------------------------------- slice metrics
 
@@ -55,14 +66,16 @@ class SliceMetrics:
         self._sums: dict[str, torch.Tensor] | None = None
 
     def update(self, pred: torch.Tensor, target: torch.Tensor,
-               annotated: torch.Tensor | None = None) -> None:
+               label_sets: torch.Tensor | None = None) -> None:
         """Add a batch of slices.
 
         Args:
             pred: ``(B, H, W)`` int predicted class ids.
-            target: ``(B, H, W)`` int ground-truth class ids, same device.
-            annotated: optional ``(B, C)`` bool; a class not annotated for an item is not
-                scored (nor counted as a false positive) on that item.
+            target: ``(B, H, W)`` int ground-truth stored values, same device.
+            label_sets: optional ``(B, L, C)`` bool label sets or ``(B, C)`` annotated mask; an
+                organ the item's reference does not say for certain (not scoreable: left out,
+                or part of a set-valued label) is not scored (nor counted as a false positive)
+                on that item. Background is always scored, as before.
         """
         if pred.ndim != 3 or pred.shape != target.shape:
             raise ValueError(f"pred and target must both be (B, H, W), got {tuple(pred.shape)} "
@@ -73,9 +86,10 @@ class SliceMetrics:
         intersection = (predicted & truth).sum(dim=(2, 3))  # (B, C)
         predicted_sum, truth_sum = predicted.sum(dim=(2, 3)), truth.sum(dim=(2, 3))
         scored = torch.ones_like(truth_sum, dtype=torch.bool)
-        annotated = annotated_mask(annotated, pred.shape[0], self.num_classes, pred.device)
-        if annotated is not None:
-            scored = annotated
+        sets = label_sets_tensor(label_sets, pred.shape[0], self.num_classes, pred.device)
+        if sets is not None:
+            scored = scoreable(sets)
+            scored[:, 0] = True
         present = (truth_sum > 0) & scored
         union = predicted_sum + truth_sum - intersection
         dice = 2 * intersection / (predicted_sum + truth_sum).clamp(min=1)
@@ -198,21 +212,27 @@ def hd95_mm(pred_mask: np.ndarray, gt_mask: np.ndarray, spacing: Sequence[float]
 
 def surface_dice(pred_mask: np.ndarray, gt_mask: np.ndarray, spacing: Sequence[float],
                  tolerance_mm: float) -> float:
-    """Normalized surface Dice (Nikolov et al. 2021) at a tolerance in mm.
+    """Normalised surface Dice (Nikolov et al. 2021) at a tolerance in mm, area-weighted.
 
-    The fraction of surface voxels of both masks lying within ``tolerance_mm`` of the other
-    mask's surface, counting voxels (not surface area). NaN when both masks are empty, 0 when
-    exactly one is.
+    ``(area of pred surface within tolerance of gt + area of gt surface within tolerance of
+    pred) / (area of both surfaces)``, surfaces made of surfels on the voxel-corner grid with
+    marching-cubes areas (``utils/surface_distance.py``), as the DeepMind ``surface-distance``
+    package and MONAI's ``compute_surface_dice(..., use_subvoxels=True)`` compute it. NaN when
+    both masks are empty, 0 when exactly one is. 2D masks use contour lengths.
+
+    Args:
+        pred_mask, gt_mask: boolean volumes of the same shape (2D or 3D).
+        spacing: voxel size in mm per array axis.
+        tolerance_mm: distances up to and including it count as agreement (>= 0).
     """
     pred_mask, gt_mask = _as_masks(pred_mask, gt_mask, spacing)
     if not pred_mask.any() and not gt_mask.any():
         return float("nan")
-    distances = _surface_distances(pred_mask, gt_mask, spacing)
-    if distances is None:
+    if not pred_mask.any() or not gt_mask.any():
         return 0.0
-    pred_to_gt, gt_to_pred = distances
-    within = (pred_to_gt <= tolerance_mm).sum() + (gt_to_pred <= tolerance_mm).sum()
-    return float(within / (pred_to_gt.size + gt_to_pred.size))
+    pred_to_gt, pred_areas, gt_to_pred, gt_areas = surfel_distances(pred_mask, gt_mask, spacing)
+    within = pred_areas[pred_to_gt <= tolerance_mm].sum() + gt_areas[gt_to_pred <= tolerance_mm].sum()
+    return float(within / (pred_areas.sum() + gt_areas.sum()))
 
 
 def _as_masks(pred_mask, gt_mask, spacing=None) -> tuple[np.ndarray, np.ndarray]:
@@ -222,17 +242,6 @@ def _as_masks(pred_mask, gt_mask, spacing=None) -> tuple[np.ndarray, np.ndarray]
     if spacing is not None and len(spacing) != pred_mask.ndim:
         raise ValueError(f"spacing has {len(spacing)} entries for {pred_mask.ndim}-D masks")
     return pred_mask, gt_mask
-
-
-def _crop_to_union(pred_mask: np.ndarray, gt_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Both masks cut to their joint bounding box, then padded by one empty voxel per side."""
-    union = pred_mask | gt_mask
-    box = []
-    for axis in range(union.ndim):
-        occupied = np.flatnonzero(union.any(axis=tuple(a for a in range(union.ndim) if a != axis)))
-        box.append(slice(occupied[0], occupied[-1] + 1))
-    box = tuple(box)
-    return np.pad(pred_mask[box], 1), np.pad(gt_mask[box], 1)
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
@@ -245,9 +254,99 @@ def _surface_distances(pred_mask, gt_mask, spacing) -> tuple[np.ndarray, np.ndar
     if not pred_mask.any() or not gt_mask.any():
         return None
     # Distances are Euclidean, so cropping to the joint box changes nothing and saves most work.
-    pred_mask, gt_mask = _crop_to_union(pred_mask, gt_mask)
+    pred_mask, gt_mask = crop_to_union(pred_mask, gt_mask)
     pred_surface, gt_surface = _surface(pred_mask), _surface(gt_mask)
     spacing = tuple(float(s) for s in spacing)
     to_gt = ndimage.distance_transform_edt(~gt_surface, sampling=spacing)
     to_pred = ndimage.distance_transform_edt(~pred_surface, sampling=spacing)
     return to_gt[pred_surface], to_pred[gt_surface]
+
+
+# ----------------------------------------------------------------------------- summaries
+
+
+def miss_penalty_mm(shape: Sequence[int], spacing: Sequence[float]) -> float:
+    """The HD95 a missed organ counts as in means: the diagonal of the case's volume in mm, the
+    largest distance two points of the scan can have (BraTS scores a miss the same way, 373.13 mm
+    for its 240 x 240 x 155 grid at 1 mm)."""
+    if len(shape) != len(spacing):
+        raise ValueError(f"spacing has {len(spacing)} entries for a {len(shape)}-D shape")
+    return float(np.sqrt(sum((n * s) ** 2 for n, s in zip(shape, spacing))))
+
+
+def summarize_hd95(hd95: Sequence[float], gt_voxels: Sequence[int], pred_voxels: Sequence[int],
+                   penalty_mm: float | Sequence[float]) -> dict:
+    """HD95 of one organ over cases, misses counted rather than skipped.
+
+    Cases whose ground truth lacks the organ have no reference surface and are left out (a
+    prediction there is a false positive, reported by :func:`summarize_false_positive_volume`).
+    A case with the organ in the ground truth and none predicted is a *miss*: its HD95 (NaN) is
+    replaced by its penalty.
+
+    Args:
+        hd95: per case, :func:`hd95_mm` (NaN when a mask is empty).
+        gt_voxels, pred_voxels: per case, the organ's voxel counts.
+        penalty_mm: one value, or one per case (:func:`miss_penalty_mm` of each case).
+
+    Returns:
+        ``{"mean_mm": mean with misses at their penalty, "mean_detected_mm": mean over detected
+        cases, "misses": int, "cases": int (cases with the organ in the ground truth)}``; means
+        are NaN when there is nothing to average.
+    """
+    hd95, gt_voxels, pred_voxels = (np.asarray(v, dtype=np.float64) for v in (hd95, gt_voxels, pred_voxels))
+    penalty = np.broadcast_to(np.asarray(penalty_mm, dtype=np.float64), hd95.shape)
+    present = gt_voxels > 0
+    missed = present & (pred_voxels == 0)
+    detected = present & ~missed
+    with_misses = np.where(missed, penalty, hd95)[present]
+    return {"mean_mm": _nanmean(with_misses), "mean_detected_mm": _nanmean(hd95[detected]),
+            "misses": int(missed.sum()), "cases": int(present.sum())}
+
+
+def summarize_false_positive_volume(false_positive_ml: Sequence[float],
+                                    gt_voxels: Sequence[int]) -> dict:
+    """False-positive volume of one organ over the cases whose ground truth lacks it (elsewhere
+    it is 0 by definition and would only dilute the mean).
+
+    Returns:
+        ``{"mean_ml": mean over those cases (NaN if none), "cases": their number,
+        "cases_with_false_positive": how many of them have a prediction}``.
+    """
+    volume = np.asarray(false_positive_ml, dtype=np.float64)
+    absent = np.asarray(gt_voxels, dtype=np.float64) == 0
+    return {"mean_ml": _nanmean(volume[absent]), "cases": int(absent.sum()),
+            "cases_with_false_positive": int((volume[absent] > 0).sum())}
+
+
+def organ_tolerance_mm(tolerance_mm: float | Mapping[str, float], organ: str) -> float:
+    """The surface-Dice tolerance of ``organ``: one value for all, or a per-organ mapping
+    (e.g. ``{"liver": 5.0, "pancreas": 2.0, ...}``). Raises ValueError for an organ the mapping
+    lacks or a negative tolerance."""
+    value = tolerance_mm.get(organ) if isinstance(tolerance_mm, Mapping) else tolerance_mm
+    if value is None:
+        raise ValueError(f"no surface-Dice tolerance for organ '{organ}' in {dict(tolerance_mm)}")
+    if not value >= 0:
+        raise ValueError(f"surface-Dice tolerance for '{organ}' must be >= 0 mm, got {value}")
+    return float(value)
+
+
+def reference_masks(reference: np.ndarray, label_sets: np.ndarray,
+                    class_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where a reference with set-valued labels says one class certainly is, and may be.
+
+    Args:
+        reference: integer stored values, any shape (e.g. a remapped TotalSegmentator mask).
+        label_sets: ``(L, C)`` bool, its source's ``label_sets()``.
+        class_id: the class.
+
+    Returns:
+        ``(certain, possible)`` boolean arrays of the reference's shape: ``certain`` where the
+        voxel's set is the class alone, ``possible`` where the set holds it. Outside
+        ``possible`` the class is certainly absent. When the two differ the class cannot be
+        scored against this reference (Dice, HD95, surface Dice); a prediction outside
+        ``possible`` is still a certain false positive.
+    """
+    label_sets = np.asarray(label_sets, dtype=bool)
+    possible_rows = label_sets[:, class_id]
+    certain_rows = possible_rows & (label_sets.sum(axis=1) == 1)
+    return certain_rows[reference], possible_rows[reference]
