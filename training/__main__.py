@@ -1,11 +1,12 @@
-"""The command line: ``python -m training <command>``. Each command parses, validates and calls
+"""The command line: ``abdoseg <command>`` (the same as ``python -m training <command>``). Each command parses, validates and calls
 one library function. Bad input ends with one line naming the file and the problem and exit
 code 2 (``--debug`` shows the traceback); Ctrl-C exits with 130 after saving what it can.
+``--quiet`` (or the environment variable TQDM_DISABLE=1) silences progress bars.
 
     phantom     write synthetic abdominal CT cases (image + mask NIfTI)
     preprocess  NIfTI cases -> a preprocessed folder (manifest.json + arrays per case)
     train       train a U-Net on preprocessed folders
-    predict     CT NIfTI -> label NIfTI in the input's own geometry
+    predict     CT NIfTI or DICOM series -> labels (NIfTI, DICOM SEG, RT Structure Set)
     evaluate    per-organ, per-case metrics of predictions against ground truth
     demo        the whole pipeline on phantom data
 """
@@ -19,7 +20,18 @@ import sys
 import warnings
 from pathlib import Path
 
+from training import __version__
 from utils.labels import SOURCES
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and each option's default in ``--help`` (not for flags and
+    options without a default, where "(default: None)" says nothing)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or action.required:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,38 +58,53 @@ def one_line_warning(message, category, filename, lineno, file=None, line=None) 
     print(f"warning: {str(message).strip().splitlines()[0]}", file=sys.stderr)
 
 
+def progress_wanted(args) -> bool:
+    """False under ``--quiet`` or a true ``TQDM_DISABLE`` (tqdm's own variable; explicit
+    ``disable=`` arguments would otherwise override it)."""
+    disabled = os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false", "no")
+    return not (getattr(args, "quiet", False) or disabled)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    called_as_module = Path(sys.argv[0]).name == "__main__.py"
+    parser = argparse.ArgumentParser(prog="python -m training" if called_as_module else "abdoseg",
+                                     description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"abdoseg {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars (also: TQDM_DISABLE=1)")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    phantom = commands.add_parser("phantom", help="write synthetic abdominal CT cases")
-    phantom.add_argument("--out", required=True, type=Path)
-    phantom.add_argument("--cases", type=int, default=4)
-    phantom.add_argument("--layout", choices=("abdomenct1k", "pku", "full", "totalseg"), default="full")
-    phantom.add_argument("--seed", type=int, default=0)
+    def add_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help_text, description=help_text, parents=[common],
+                                   formatter_class=HelpFormatter)
+
+    phantom = add_command("phantom", "write synthetic abdominal CT cases")
+    phantom.add_argument("-o", "--out", required=True, type=Path, help="folder for Image/ and Mask/")
+    phantom.add_argument("--cases", type=int, default=4, help="number of cases")
+    phantom.add_argument("--layout", choices=("abdomenct1k", "pku", "full", "totalseg"), default="full", help="label layout")
+    phantom.add_argument("--seed", type=int, default=0, help="random seed")
     phantom.add_argument("--size", type=int, default=512, help="in-plane voxels (same field of view)")
-    phantom.add_argument("--slices", type=int, default=None, help="number of axial slices")
-    phantom.add_argument("--workers", type=int, default=1)
+    phantom.add_argument("--slices", type=int, default=None, help="number of axial slices (None: by size)")
+    phantom.add_argument("--workers", type=int, default=1, help="parallel processes")
     phantom.set_defaults(run=run_phantom)
 
-    pre = commands.add_parser("preprocess", help="NIfTI cases -> preprocessed folder")
-    pre.add_argument("--source", required=True, choices=SOURCES)
-    pre.add_argument("--images", required=True, type=Path, help="image folder (nnunet: the dataset folder)")
+    pre = add_command("preprocess", "NIfTI cases -> preprocessed folder")
+    pre.add_argument("--source", required=True, choices=SOURCES, help="label convention of the masks")
+    pre.add_argument("-i", "--images", required=True, type=Path, help="image folder (nnunet: the dataset folder)")
     pre.add_argument("--masks", type=Path, help="mask folder (not for nnunet)")
-    pre.add_argument("--out", required=True, type=Path)
+    pre.add_argument("-o", "--out", required=True, type=Path, help="preprocessed folder to write")
     pre.add_argument("--label-map", type=Path, help="label-map JSON (pku; see examples/)")
-    pre.add_argument("--workers", type=int, default=1)
+    pre.add_argument("--workers", type=int, default=1, help="parallel processes")
     pre.add_argument("--size", type=int, default=256, help="target size N x N")
-    pre.add_argument("--spacing", type=float, default=None, help="resample in-plane to MM per pixel")
-    pre.add_argument("--min-clip", type=float, default=-400.0)
-    pre.add_argument("--max-clip", type=float, default=400.0)
+    pre.add_argument("--spacing", type=float, default=None, help="resample in-plane to MM per pixel (None: resize)")
+    pre.add_argument("--min-clip", type=float, default=-400.0, help="HU window low end")
+    pre.add_argument("--max-clip", type=float, default=400.0, help="HU window high end")
     pre.set_defaults(run=run_preprocess)
 
-    train = commands.add_parser("train", help="train a U-Net")
+    train = add_command("train", "train a U-Net")
     train.add_argument("--data", required=True, nargs="+", type=Path, help="preprocessed folder(s)")
-    train.add_argument("--out", required=True, type=Path, help="run folder")
+    train.add_argument("-o", "--out", required=True, type=Path, help="run folder")
     train.add_argument("--config", type=Path, help="JSON file of config fields")
     train.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                        help="override config fields, e.g. epochs=5 features=[16,32,64,128]")
@@ -86,27 +113,33 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--wandb", choices=("off", "offline", "online"), help="Weights & Biases logging")
     train.set_defaults(run=run_train)
 
-    predict = commands.add_parser("predict", help="CT NIfTI -> label NIfTI")
-    predict.add_argument("--checkpoint", required=True, type=Path)
-    predict.add_argument("--input", required=True, type=Path, help="a CT file or a folder of them")
-    predict.add_argument("--out", required=True, type=Path)
-    predict.add_argument("--device", default="auto")
-    predict.add_argument("--batch-size", type=int, default=32)
+    predict = add_command("predict", "CT NIfTI or DICOM series -> labels")
+    predict.add_argument("-c", "--checkpoint", required=True, type=Path, help="a checkpoint from train (best.pt)")
+    predict.add_argument("-i", "--input", required=True, type=Path,
+                         help="a CT NIfTI, a folder of them, a DICOM series folder or a folder of series folders")
+    predict.add_argument("-o", "--out", required=True, type=Path,
+                         help="output folder, or a .nii.gz file name for a single input")
+    predict.add_argument("--format", nargs="+", default=["nifti"], choices=("nifti", "dicom-seg", "rtstruct"),
+                         help="outputs to write (several allowed); dicom-seg and rtstruct need DICOM input")
+    predict.add_argument("--statistics", action="store_true",
+                         help="write <case>_statistics.json: volume (ml), mean and SD of HU per organ")
+    predict.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    predict.add_argument("--batch-size", type=int, default=32, help="slices per model call")
     predict.add_argument("--probabilities", action="store_true", help="also save class probabilities")
     predict.add_argument("--largest-component", action="store_true", help="keep each organ's largest component")
     predict.set_defaults(run=run_predict)
 
-    evaluate = commands.add_parser("evaluate", help="score predictions against ground truth")
-    evaluate.add_argument("--pred", required=True, type=Path)
-    evaluate.add_argument("--gt", required=True, type=Path)
+    evaluate = add_command("evaluate", "score predictions against ground truth")
+    evaluate.add_argument("--pred", required=True, type=Path, help="folder of predicted label NIfTIs")
+    evaluate.add_argument("--gt", required=True, type=Path, help="folder of ground-truth label NIfTIs")
     evaluate.add_argument("--source", required=True, choices=SOURCES, help="label convention of --gt")
-    evaluate.add_argument("--label-map", type=Path)
-    evaluate.add_argument("--out", required=True, type=Path)
+    evaluate.add_argument("--label-map", type=Path, help="label-map JSON (pku)")
+    evaluate.add_argument("-o", "--out", required=True, type=Path, help="folder for metrics.csv, summary.json")
     evaluate.add_argument("--tolerance-mm", type=float, default=2.0, help="surface Dice tolerance")
     evaluate.set_defaults(run=run_evaluate)
 
-    demo = commands.add_parser("demo", help="the whole pipeline on phantom data")
-    demo.add_argument("--out", type=Path, default=Path("runs/demo"))
+    demo = add_command("demo", "the whole pipeline on phantom data")
+    demo.add_argument("-o", "--out", type=Path, default=Path("runs/demo"), help="demo folder")
     demo.add_argument("--quick", action="store_true", help="tiny settings (a smoke run)")
     demo.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override demo settings")
     demo.set_defaults(run=run_demo)
@@ -116,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_phantom(args) -> int:
     from utils.phantom import write_phantom_dataset
     ids = write_phantom_dataset(args.out, args.cases, args.layout, seed=args.seed, size=args.size,
-                                num_slices=args.slices, workers=args.workers)
+                                num_slices=args.slices, workers=args.workers, progress=progress_wanted(args))
     print(f"wrote {len(ids)} {args.layout} cases to {args.out}/Image and {args.out}/Mask")
     return 0
 
@@ -127,7 +160,8 @@ def run_preprocess(args) -> int:
         raise ValueError(f"--masks is required for --source {args.source}")
     params = PreprocessParams(args.min_clip, args.max_clip, (args.size, args.size), args.spacing)
     manifest = preprocess_dataset(args.source, args.images, args.masks, args.out, params,
-                                  label_map=args.label_map, workers=args.workers)
+                                  label_map=args.label_map, workers=args.workers,
+                                  progress=progress_wanted(args))
     failed = manifest.get("failed", [])
     print(f"{len(manifest['cases'])} cases ready in {args.out}")
     for item in failed:
@@ -143,7 +177,8 @@ def run_train(args) -> int:
     # a resumed run keeps its own config; --set may still change fields such as epochs
     base = TrainConfig.from_dict(load_resume_state(args.out)["config"]) if args.resume else None
     cfg = load_config(args.config, assignments, base=base)
-    result = fit(cfg, args.data, args.out, resume=args.resume, overwrite=args.overwrite)
+    result = fit(cfg, args.data, args.out, resume=args.resume, overwrite=args.overwrite,
+                 progress=progress_wanted(args))
     print(f"done: {args.out / 'checkpoints'} (last.pt, best.pt), {args.out / 'log.csv'}, "
           f"{args.out / 'curves.png'}; last val Dice {result.get('val_mean_dice', float('nan')):.3f}")
     return 0
@@ -153,8 +188,14 @@ def run_predict(args) -> int:
     from training.predict import predict_files
     summary = predict_files(args.checkpoint, args.input, args.out, device=args.device,
                             batch_size=args.batch_size, save_probabilities=args.probabilities,
-                            largest_component=args.largest_component)
+                            largest_component=args.largest_component, progress=progress_wanted(args),
+                            formats=args.format, statistics=args.statistics)
     print(f"wrote {len(summary['written'])} label files to {args.out}")
+    extras = ", ".join(f"{len(summary[key])} {what}" for key, what in
+                       (("seg", "DICOM SEG"), ("rtstruct", "RT Structure Set"), ("statistics", "statistics JSON"))
+                       if summary[key])
+    if extras:
+        print(f"wrote {extras} to {args.out}")
     for item in summary["failed"]:
         print(f"failed: {item['error']}", file=sys.stderr)
     return 2 if summary["failed"] else 0
@@ -163,7 +204,7 @@ def run_predict(args) -> int:
 def run_evaluate(args) -> int:
     from training.evaluate import evaluate_folders
     summary = evaluate_folders(args.pred, args.gt, args.source, args.out, label_map=args.label_map,
-                               tolerance_mm=args.tolerance_mm)
+                               tolerance_mm=args.tolerance_mm, progress=progress_wanted(args))
     print(json.dumps({k: summary[k] for k in ("cases", "mean_dice") if k in summary}))
     print(f"wrote {args.out / 'metrics.csv'}, {args.out / 'summary.json'}, {args.out / 'dice_per_organ.png'}")
     for item in summary.get("failed", []):

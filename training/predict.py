@@ -6,8 +6,10 @@ in-plane resize or resample, uint8; the model sees ``uint8 / 255``), and
 ``argmax``. Memory stays bounded by the input, the output and one chunk of slices: logits are
 mapped back and reduced to labels chunk by chunk, never held for the whole volume.
 
-    predict_files(checkpoint, inputs, out_dir)  a CT file or a folder of them ->
+    predict_files(checkpoint, inputs, out_dir)  a CT file or a folder of them, or DICOM series ->
         OUT/<case_id>.nii.gz                    uint8 labels, the input's shape and affine
+        OUT/<case_id>_{seg,rtstruct}.dcm        optional, DICOM input (training/predict_io.py)
+        OUT/<case_id>_statistics.json           optional, volume (ml) and HU per organ
         OUT/<case_id>_probabilities.nii.gz      optional, 4D uint8 (X, Y, Z, 12), 255 = 1.0
         OUT/labels.txt                          ITK-SNAP label description file
         OUT/abdoseg_labels.ctbl                 3D Slicer colour table
@@ -30,10 +32,10 @@ from tqdm.auto import tqdm
 
 from network.unet import fold_batchnorm
 from training.checkpoint import load_checkpoint, model_from_checkpoint
+from training.predict_io import case_name, check_formats, input_cases, output_place, read_case, write_extra_outputs
 from training.runtime import autocast_context, select_amp, select_device
 from utils.errors import UserError
 from utils.labels import COLORS, DISPLAY_NAMES, NUM_CLASSES, ORGANS, LabelSource, get_source
-from utils.case_files import case_id_from_path, nifti_files
 from utils.files import write_text
 from utils.geometry import PreprocessParams, preprocess_image, preprocess_labels, restore_in_plane
 from utils.volume_io import (
@@ -267,8 +269,9 @@ def keep_largest_component(labels: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- files
 
 def predict_files(checkpoint, inputs, out_dir, device="auto", batch_size: int = 32,
-                  save_probabilities: bool = False, largest_component: bool = False, fold_bn: bool = True, progress: bool = True) -> dict:
-    """Predict every CT in `inputs` (a file or a folder) into `out_dir`.
+                  save_probabilities: bool = False, largest_component: bool = False, fold_bn: bool = True,
+                  progress: bool = True, formats=("nifti",), statistics: bool = False) -> dict:
+    """Predict every CT in `inputs` (a file, a folder, a DICOM series folder or a folder of them) into `out_dir`.
 
     Writes ``OUT/<case_id>.nii.gz`` (uint8, the input's exact shape and affine), optionally
     ``OUT/<case_id>_probabilities.nii.gz``, and the label files of
@@ -280,21 +283,23 @@ def predict_files(checkpoint, inputs, out_dir, device="auto", batch_size: int = 
         checkpoint: a checkpoint from training; its config and preprocessing rebuild the model.
         device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda:N"``.
         fold_bn: fold BatchNorm into the convolutions (same outputs, faster).
+        formats: of ``predict_io.FORMATS``; ``dicom-seg``/``rtstruct`` need DICOM input.
+        statistics: also write ``<case_id>_statistics.json``. An `out_dir` ending in ``.nii.gz``
+            names a single case's label file (no label description files then).
 
     Returns:
-        ``{"written": [label files], "probabilities": [files], "failed": [{"file", "error"}],
-        "seconds": wall time}``.
+        ``{"written": [label files], "probabilities", "seg", "rtstruct", "statistics": [files],
+        "failed": [{"file", "error"}], "seconds": wall time}``.
 
     Raises:
         PredictError: `inputs` missing or holding no NIfTI file, or `out_dir` is the input folder.
         training.checkpoint.CheckpointError: an unusable checkpoint.
     """
     started = time.perf_counter()
-    files = _input_files(inputs)
-    out_dir = Path(out_dir)
-    if any(f.parent.resolve() == out_dir.resolve() for f in files):
-        raise PredictError(f"{out_dir}: the output folder holds the inputs; predictions would overwrite them")
-    summary = {"written": [], "probabilities": [], "failed": []}
+    files = input_cases(inputs, PredictError)
+    formats = check_formats(formats, files, PredictError)
+    out_dir, single_stem = output_place(Path(out_dir), files, PredictError)
+    summary = {"written": [], "probabilities": [], "seg": [], "rtstruct": [], "statistics": [], "failed": []}
     seen: dict[str, Path] = {}
     with ThreadPoolExecutor(1, thread_name_prefix="read") as reader, \
             ThreadPoolExecutor(1, thread_name_prefix="write") as writer:
@@ -307,12 +312,13 @@ def predict_files(checkpoint, inputs, out_dir, device="auto", batch_size: int = 
         model.to(device)
         amp_dtype = select_amp(device, cfg.amp)
         out_dir.mkdir(parents=True, exist_ok=True)  # only now: a bad checkpoint leaves no folder behind
-        write_label_descriptions(out_dir)
-        for i, path in enumerate(tqdm(files, desc="predict", unit="file", disable=not progress)):
-            volume, error = pending_read.result()
+        if single_stem is None:
+            write_label_descriptions(out_dir)
+        for i, path in enumerate(tqdm(files, desc="predict", unit="case", disable=not progress)):
+            (volume, headers), error = pending_read.result()
             if i + 1 < len(files):
                 pending_read = reader.submit(_read_ct, files[i + 1])
-            case_id = case_id_from_path(path)
+            case_id = single_stem or case_name(path)
             if error is None and case_id in seen:
                 error = f"{path}: case id {case_id} already predicted from {seen[case_id]}; skipped"
             if error is not None:
@@ -325,54 +331,48 @@ def predict_files(checkpoint, inputs, out_dir, device="auto", batch_size: int = 
             else:
                 labels, probabilities = predict_volume(model, volume, *settings), None
             _collect_write(pending_write, summary)  # at most one volume waits to be written
-            pending_write = writer.submit(_write_case, labels, probabilities, volume, out_dir / case_id)
+            extras = (headers, formats, statistics)
+            pending_write = writer.submit(_write_case, labels, probabilities, volume, out_dir / case_id, *extras)
         _collect_write(pending_write, summary)
     summary["seconds"] = time.perf_counter() - started
     return summary
 
 
-def _input_files(inputs) -> list[Path]:
-    inputs = Path(inputs)
-    if inputs.is_file():
-        return [inputs]
-    if not inputs.is_dir():
-        raise PredictError(f"{inputs}: no such file or folder")
-    return nifti_files(inputs, "CT images", PredictError)
-
-
-def _read_ct(path: Path) -> tuple[Volume | None, str | None]:
-    """``(volume, None)``, or ``(None, one-line error)`` for a file that is not a readable CT."""
+def _read_ct(path: Path) -> tuple[tuple, str | None]:
+    """``((volume, DICOM headers or None), None)``, or ``((None, None), one-line error)``."""
     try:
-        return load_ct(path), None  # a named caller, so load_ct's warnings point here, not into futures
+        return read_case(path), None  # a named caller, so load warnings point here, not into futures
     except (ValueError, OSError) as err:  # NiftiError is a ValueError
-        return None, str(err).splitlines()[0]
+        return (None, None), str(err).splitlines()[0]
 
 
-def _write_case(labels: np.ndarray, probabilities: np.ndarray | None, volume: Volume, stem: Path) -> dict:
-    """Write one case's outputs; returns ``{"file", "probabilities"?}`` or ``{"file", "error"}``."""
+def _write_case(labels: np.ndarray, probabilities: np.ndarray | None, volume: Volume, stem: Path,
+                headers=None, formats=("nifti",), statistics: bool = False) -> dict:
+    """Write one case's outputs; returns ``{"file"?, "probabilities"?, ...}`` or ``{"file", "error"}``."""
     label_path = stem.with_name(stem.name + ".nii.gz")
     try:
-        save_labels(labels, volume, label_path)
-        done = {"file": str(label_path)}
+        done = {"file": str(label_path)} if "nifti" in formats else {}
+        if "nifti" in formats:
+            save_labels(labels, volume, label_path)
         if probabilities is not None:
             probability_path = stem.with_name(stem.name + "_probabilities.nii.gz")
             # (12, X, Y, Z) -> (X, Y, Z, 12) -> the file's own axis order (I, J, K, 12)
             on_disk = to_original(np.moveaxis(probabilities, 0, -1), volume)
             save_volume(on_disk, volume.original_affine, probability_path, dtype=np.uint8)
             done["probabilities"] = str(probability_path)
-        return done
+        return {**done, **write_extra_outputs(labels, volume, headers, stem, formats, statistics)}
     except (ValueError, OSError) as err:
-        return {"file": volume.path, "error": f"{label_path}: could not write ({str(err).splitlines()[0]})"}
+        return {"file": volume.path, "error": f"{stem}: could not write ({str(err).splitlines()[0]})"}
 
 
 def _collect_write(future, summary: dict) -> None:
     done = future.result() if future is not None else {}
     if "error" in done:
         summary["failed"].append(done)
-    elif done:
-        summary["written"].append(done["file"])
-        if "probabilities" in done:
-            summary["probabilities"].append(done["probabilities"])
+    else:
+        summary["written"].extend([done["file"]] if "file" in done else [])
+        for key in ("probabilities", "seg", "rtstruct", "statistics"):
+            summary[key].extend([done[key]] if key in done else [])
 
 
 def write_label_descriptions(out_dir) -> list[Path]:

@@ -1,0 +1,116 @@
+"""What ``predict`` reads and writes besides the label NIfTI: its cases and its extra outputs.
+
+Cases are NIfTI files or DICOM CT series folders; extra outputs are the per-organ statistics
+JSON, the DICOM SEG and the RT Structure Set (the DICOM ones for DICOM input only).
+
+    input_cases(inputs)                 a file, a folder of NIfTI files, a series folder, a folder of them
+    check_formats(formats, cases)       refuses DICOM outputs for NIfTI input
+    output_place(out, cases)            (output folder, label-file stem for a .nii.gz output, or None)
+    read_case(path)                     (Volume, DICOM headers or None)
+    write_extra_outputs(...)            <stem>_statistics.json, <stem>_seg.dcm, <stem>_rtstruct.dcm
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from utils.case_files import case_id_from_path, is_nifti, nifti_files
+from utils.dicom_io import dicom_files, load_dicom_series
+from utils.errors import UserError
+from utils.files import write_json
+from utils.organ_statistics import organ_statistics
+from utils.volume_io import Volume, load_ct
+
+FORMATS = ("nifti", "dicom-seg", "rtstruct")  # --format choices; the DICOM ones need DICOM input
+SUFFIXES = {"dicom-seg": "_seg.dcm", "rtstruct": "_rtstruct.dcm"}
+
+
+def input_cases(inputs, error: type[UserError] = UserError) -> list[Path]:
+    """NIfTI files, or DICOM series folders, to predict (a folder's NIfTI files win)."""
+    inputs = Path(inputs)
+    if inputs.is_file():
+        return [inputs]
+    if not inputs.is_dir():
+        raise error(f"{inputs}: no such file or folder")
+    if any(is_nifti(p) for p in inputs.iterdir() if p.is_file()):
+        return nifti_files(inputs, "CT images", error)
+    if dicom_files(inputs):
+        return [inputs]
+    series = sorted(p for p in inputs.iterdir() if p.is_dir() and not p.name.startswith(".") and dicom_files(p))
+    if not series:
+        raise error(f"{inputs}: holds no .nii or .nii.gz files, no DICOM series and no folders of them")
+    return series
+
+
+def case_name(path: Path) -> str:
+    """The case id: a series folder's name, or the NIfTI file's case id."""
+    return path.name if path.is_dir() else case_id_from_path(path)
+
+
+def check_formats(formats, cases: list[Path], error: type[UserError] = UserError) -> tuple[str, ...]:
+    formats = tuple(dict.fromkeys(formats))  # unique, in order
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise error(f"--format {' '.join(unknown) or '(none)'}: choose from {', '.join(FORMATS)}")
+    dicom_only = [f for f in formats if f != "nifti"]
+    nifti_inputs = [f for f in cases if not f.is_dir()]
+    if dicom_only and nifti_inputs:
+        raise error(f"--format {' '.join(dicom_only)} needs DICOM input; {nifti_inputs[0]} is a NIfTI file")
+    return formats
+
+
+def output_place(out: Path, cases: list[Path], error: type[UserError] = UserError) -> tuple[Path, str | None]:
+    """``(output folder, stem of the label file or None)``; refuses writing into an input.
+
+    An ``out`` ending in ``.nii.gz`` names the label file of a single case; it may sit beside
+    an input NIfTI file (not replace it), never inside a DICOM series folder.
+    """
+    single_stem = None
+    if out.name.lower().endswith(".nii.gz"):
+        if len(cases) != 1:
+            raise error(f"{out}: a .nii.gz output names one file, but the input holds {len(cases)} cases")
+        if out.resolve() == cases[0].resolve():
+            raise error(f"{out}: the output file is the input; choose another name")
+        out, single_stem = out.parent, out.name[:-len(".nii.gz")]
+    resolved = out.resolve()
+    for path in cases:
+        folder = path.resolve() if path.is_dir() else path.parent.resolve()
+        if single_stem is not None and not path.is_dir():
+            continue  # a label file named explicitly may sit beside its input file
+        if resolved == folder or (path.is_dir() and folder in resolved.parents):
+            raise error(f"{out}: the output folder is (inside) the input folder {folder}; predictions "
+                        "would overwrite or mix with the inputs, and abdoseg never writes into its inputs")
+    return out, single_stem
+
+
+def read_case(path: Path) -> tuple[Volume, list | None]:
+    """``(volume, DICOM headers sorted like the slices, or None for a NIfTI file)``."""
+    if path.is_dir():
+        return load_dicom_series(path)
+    return load_ct(path), None
+
+
+def write_extra_outputs(labels: np.ndarray, volume: Volume, headers: list | None, stem: Path, formats,
+                        statistics: bool) -> dict:
+    """Write ``<stem>_statistics.json`` (if asked) and the DICOM formats asked for.
+
+    Returns ``{"statistics"?: path, "seg"?: path, "rtstruct"?: path}``. An organ-free
+    prediction gives no SEG or RTSTRUCT (both need one segment or ROI) and a warning.
+    """
+    from training.dicom_export import write_dicom_seg, write_rtstruct
+    done = {}
+    if statistics:
+        values = {"case": stem.name, "input": volume.path, **organ_statistics(labels, volume.data, volume.spacing)}
+        done["statistics"] = str(write_json(stem.with_name(stem.name + "_statistics.json"), values))
+    for name, writer in (("dicom-seg", write_dicom_seg), ("rtstruct", write_rtstruct)):
+        if name not in formats:
+            continue
+        written = writer(labels, volume, headers, stem.with_name(stem.name + SUFFIXES[name]))
+        if written is None:
+            warnings.warn(f"{volume.path}: no organ predicted, so no {name} written", UserWarning, stacklevel=2)
+        else:
+            done["seg" if name == "dicom-seg" else "rtstruct"] = str(written)
+    return done
