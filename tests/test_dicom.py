@@ -29,7 +29,7 @@ from utils.dicom_io import load_dicom_ct, load_dicom_series  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.labels import COLORS, DISPLAY_NAMES, NUM_CLASSES, ORGAN_IDS, get_source  # noqa: E402
 from utils.organ_statistics import organ_statistics  # noqa: E402
-from utils.preprocess_data import PreprocessParams  # noqa: E402
+from utils.geometry import PreprocessParams  # noqa: E402
 from utils.volume_io import load_ct, load_mask  # noqa: E402
 
 INTERCEPT = -1024
