@@ -127,6 +127,7 @@ def test_series_reads_as_the_nifti_it_came_from(real_ct, series):
     assert dicom.original_affine[0, 0] < 0 and dicom.original_affine[1, 1] < 0
 
 
+@pytest.mark.slow
 def test_volume_and_affine_match_dicom2nifti(real_ct, tmp_path):
     """The reference converter gives the same voxels and affine (after reorientation to RAS+).
 
@@ -298,6 +299,7 @@ class IntensityBands(torch.nn.Module):
         return torch.nn.functional.one_hot(organ, NUM_CLASSES).permute(0, 3, 1, 2).float()
 
 
+@pytest.mark.slow
 def test_nifti_and_dicom_paths_predict_the_same_labels(real_ct, series, tiny_checkpoint, tmp_path, monkeypatch):
     import training.predict
     nifti_path, volume = real_ct

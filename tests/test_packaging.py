@@ -39,6 +39,7 @@ def test_installed_metadata_matches_the_checkout():
     assert torch_requirement.specifier.contains(torch.__version__.split("+")[0])
 
 
+@pytest.mark.slow
 def test_console_command_prints_the_version():
     installed_distribution()
     command = Path(sys.executable).with_name("abdoseg")
@@ -78,6 +79,7 @@ def test_quiet_and_tqdm_disable(monkeypatch, quiet, env, expected):
     assert progress_wanted(args) is expected
 
 
+@pytest.mark.slow
 def test_wheel_holds_exactly_the_three_packages(tmp_path):
     """`pip install .` builds this wheel; auto-discovery would fail with 'Multiple top-level packages'."""
     pytest.importorskip("setuptools")
