@@ -48,3 +48,15 @@ def tiny_data(tmp_path_factory) -> Path:
 def pytest_configure(config):
     config.addinivalue_line("markers", "browser: drives JupyterLab and report.html in headless Chromium "
                                        "(tests/test_browser.py); deselect with -m 'not browser'")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_cache_folder(tmp_path_factory):
+    """Keep the precision calibration cache (training/cpu.py) out of the user's home during tests."""
+    previous = os.environ.get("ABDOSEG_CACHE_DIR")
+    os.environ["ABDOSEG_CACHE_DIR"] = str(tmp_path_factory.mktemp("abdoseg-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("ABDOSEG_CACHE_DIR", None)
+    else:
+        os.environ["ABDOSEG_CACHE_DIR"] = previous

@@ -19,10 +19,12 @@ import sys
 import warnings
 from pathlib import Path
 
+from training.cpu import prepare_openmp_environment
 from utils.labels import SOURCES
 
 
 def main(argv: list[str] | None = None) -> int:
+    prepare_openmp_environment()  # before torch loads: thread count and wait policy (training/cpu.py)
     parser = build_parser()
     args = parser.parse_args(argv)
     warnings.showwarning = one_line_warning
@@ -94,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=int, default=32)
     predict.add_argument("--probabilities", action="store_true", help="also save class probabilities")
     predict.add_argument("--largest-component", action="store_true", help="keep each organ's largest component")
+    predict.add_argument("--precision", choices=("auto", "fp32", "bf16", "int8"), default="auto",
+                         help="auto: the fastest on this CPU, measured once and cached (int8 needs onnxruntime)")
     predict.set_defaults(run=run_predict)
 
     evaluate = commands.add_parser("evaluate", help="score predictions against ground truth")
@@ -153,7 +157,7 @@ def run_predict(args) -> int:
     from training.predict import predict_files
     summary = predict_files(args.checkpoint, args.input, args.out, device=args.device,
                             batch_size=args.batch_size, save_probabilities=args.probabilities,
-                            largest_component=args.largest_component)
+                            largest_component=args.largest_component, precision=args.precision)
     print(f"wrote {len(summary['written'])} label files to {args.out}")
     for item in summary["failed"]:
         print(f"failed: {item['error']}", file=sys.stderr)

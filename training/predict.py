@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 
 from network.unet import fold_batchnorm
 from training.checkpoint import load_checkpoint, model_from_checkpoint
-from training.runtime import autocast_context, select_amp, select_device
+from training.quantize import prediction_model
+from training.runtime import autocast_context, select_device
 from utils.errors import UserError
 from utils.labels import COLORS, DISPLAY_NAMES, NUM_CLASSES, ORGANS, LabelSource, get_source
 from utils.case_files import case_id_from_path, nifti_files
@@ -266,8 +267,9 @@ def keep_largest_component(labels: np.ndarray) -> np.ndarray:
 
 # --------------------------------------------------------------------------- files
 
-def predict_files(checkpoint, inputs, out_dir, device="auto", batch_size: int = 32,
-                  save_probabilities: bool = False, largest_component: bool = False, fold_bn: bool = True, progress: bool = True) -> dict:
+def predict_files(checkpoint, inputs, out_dir, device="auto", batch_size: int = 32, save_probabilities: bool = False,
+                  largest_component: bool = False, fold_bn: bool = True, progress: bool = True,
+                  precision: str = "auto") -> dict:
     """Predict every CT in `inputs` (a file or a folder) into `out_dir`.
 
     Writes ``OUT/<case_id>.nii.gz`` (uint8, the input's exact shape and affine), optionally
@@ -280,10 +282,11 @@ def predict_files(checkpoint, inputs, out_dir, device="auto", batch_size: int = 
         checkpoint: a checkpoint from training; its config and preprocessing rebuild the model.
         device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda:N"``.
         fold_bn: fold BatchNorm into the convolutions (same outputs, faster).
+        precision: auto | fp32 | bf16 | int8 (``training.quantize.prediction_model``).
 
     Returns:
         ``{"written": [label files], "probabilities": [files], "failed": [{"file", "error"}],
-        "seconds": wall time}``.
+        "seconds": wall time, "precision": what ran}``.
 
     Raises:
         PredictError: `inputs` missing or holding no NIfTI file, or `out_dir` is the input folder.
@@ -302,10 +305,8 @@ def predict_files(checkpoint, inputs, out_dir, device="auto", batch_size: int = 
         pending_write = None
         device = select_device(device)
         model, cfg, params = model_from_checkpoint(load_checkpoint(checkpoint))
-        if fold_bn:
-            model = fold_batchnorm(model)
-        model.to(device)
-        amp_dtype = select_amp(device, cfg.amp)
+        model = (fold_batchnorm(model) if fold_bn else model).to(device)
+        model, amp_dtype, summary["precision"] = prediction_model(model, cfg, params, device, precision)
         out_dir.mkdir(parents=True, exist_ok=True)  # only now: a bad checkpoint leaves no folder behind
         write_label_descriptions(out_dir)
         for i, path in enumerate(tqdm(files, desc="predict", unit="file", disable=not progress)):
