@@ -82,6 +82,7 @@ def test_calibration_batches_are_preprocessed_slices():
     batches = quantize.calibration_batches(PreprocessParams(target_size=(32, 24)), in_channels=3, slices=6,
                                            batch_size=4)
     assert [b.shape for b in batches] == [(4, 3, 32, 24), (2, 3, 32, 24)]
+    assert len(quantize.calibration_batches(PreprocessParams(target_size=(16, 16)), 1)) % 2 == 1
     stacked = np.concatenate(batches)
     assert stacked.dtype == np.float32 and 0 <= stacked.min() and stacked.max() <= 1
     assert np.allclose(stacked * 255, np.round(stacked * 255), atol=1e-3)  # uint8 / 255, as in training

@@ -41,7 +41,7 @@ from utils.geometry import PreprocessParams, preprocess_image
 
 OPSET = 18
 CONTRACT_KEY = "abdoseg_contract"  # ONNX metadata: JSON of config, preprocessing, label scheme
-CALIBRATION_SLICES = 8
+CALIBRATION_SLICES = 9  # one slice per batch; odd, so the last range merge has data
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
@@ -157,12 +157,15 @@ def quantize_onnx(fp32_path, int8_path, batches: Iterable[np.ndarray]) -> Path:
 
     with atomic_path(int8_path) as temporary, _quiet():
         quantize_static(str(fp32_path), str(temporary), Reader(), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        # ranges merged every 2 batches: memory of 2 batches' activations, not all
+                        # (ONNX Runtime needs an odd number of batches then: see calibration_batches)
+                        extra_options={"CalibMaxIntermediateOutputs": 2})
     return Path(int8_path)
 
 
 def calibration_batches(params: PreprocessParams, in_channels: int, slices: int = CALIBRATION_SLICES,
-                        batch_size: int = 4) -> list[np.ndarray]:
+                        batch_size: int = 1) -> list[np.ndarray]:
     """Phantom slices preprocessed as for training: ``(B, in_channels, H, W)`` float32 in [0, 1].
 
     Deterministic (phantom seed 0); `slices` slices spread over the abdomen, neighbours stacked
