@@ -30,8 +30,8 @@ Each measurement runs in a fresh subprocess, so ``peak_rss_mb_*`` (the child's o
     is the fastest forced time over auto's. With ``--dice-checkpoint`` a trained model's mean
     held-out Dice in fp32 and int8 (``dice_by_precision``).
 
-Each child runs with its own calibration/int8 cache (``ABDOSEG_CACHE_DIR`` in the run's temporary
-folder), so the first (auto) run includes the short calibration, as a first prediction would.
+The run has its own calibration/int8 cache (``ABDOSEG_CACHE_DIR`` in its temporary folder): the
+parent calibrates first (``calibration`` in the JSON), and the children find the choice cached.
 
 Usage::
 
@@ -59,6 +59,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from training.cpu import benchmark_record, prepare_openmp_environment  # noqa: E402
+
+prepare_openmp_environment()  # before torch loads, as the command line does (training/cpu.py)
+
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 import scipy.ndimage  # noqa: E402
@@ -69,7 +73,6 @@ from training.checkpoint import (FORMAT, label_scheme, load_checkpoint, model_fr
                                  save_checkpoint)
 from training.config import TrainConfig  # noqa: E402
 from training.predict import CPU_MAX_BATCH, predict_files  # noqa: E402
-from training.cpu import cpu_model_name  # noqa: E402
 from training.runtime import autocast_context, select_amp, select_device  # noqa: E402
 from utils.phantom import make_phantom  # noqa: E402
 from utils.geometry import PreprocessParams  # noqa: E402
@@ -238,7 +241,7 @@ def main(args) -> dict:
         result = {"load_average_at_start": os.getloadavg(), "device": str(select_device(args.device)),
                   "size": args.size, "threads": torch.get_num_threads(),
                   "model": "UNet features (64, 128, 256, 512), random init, 256x256",
-                  "cpu_max_batch": CPU_MAX_BATCH, "cpu_model": cpu_model_name()}
+                  "cpu_max_batch": CPU_MAX_BATCH, "calibration": benchmark_record(str(select_device(args.device).type))}
         model = run_child("model", args)
         result.update(slices_per_s_model_only=model["slices_per_s"], model_only_batch=model["batch_size"],
                       amp=model["amp"], peak_rss_mb_model_only=model["peak_rss_mb"])

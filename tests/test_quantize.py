@@ -18,7 +18,6 @@ from training.predict import predict_files  # noqa: E402
 from training.train import fit  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.labels import ORGANS  # noqa: E402
-from utils.phantom import write_phantom_dataset  # noqa: E402
 from utils.preprocess_data import PreprocessParams  # noqa: E402
 
 TINY = TrainConfig(features=(8, 16), loss="dice_ce", epochs=1, batch_size=8, steps_per_epoch=150, lr=1e-2,

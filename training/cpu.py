@@ -216,6 +216,18 @@ def choose_cpu_precision(features: Sequence[int] = (64, 128, 256, 512), in_chann
     return choice
 
 
+def benchmark_record(device_type: str = "cpu", features: Sequence[int] = (64, 128, 256, 512),
+                     in_channels: int = 1) -> dict:
+    """What ``amp=auto`` takes on this machine, for benchmark JSON: the CPU model, the thread
+    count and, on CPU, the training and prediction choices (from the cache after the first run)."""
+    record = {"cpu_model": cpu_model_name(), "usable_cpus": usable_cpu_count(),
+              "openmp": {key: os.environ.get(key) for key in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}}
+    if device_type == "cpu":
+        for purpose in ("train", "predict"):
+            record[purpose] = choose_cpu_precision(features, in_channels, purpose).to_dict()
+    return record
+
+
 def read_cached_choice(key: dict) -> PrecisionChoice | None:
     """The cached choice for `key`, or None (no file, another key, or a damaged file)."""
     entries = _read_cache_file()
