@@ -287,6 +287,7 @@ def by_precision(args, checkpoint: Path, ct: Path, num_slices: int, work: Path) 
     from training.quantize import onnxruntime_available
     result = {"precision_auto": None, "quantize_seconds": None}
     precisions = ["fp32", "bf16"] + (["int8"] if onnxruntime_available() and args.device != "cuda" else [])
+    precisions = precisions[:1] if args.quick else precisions  # a smoke run: the mechanism, not the figures
     for precision in precisions:
         if precision == "int8":
             result["quantize_seconds"] = run_child("quantize", args, checkpoint=checkpoint)["seconds"]

@@ -44,14 +44,19 @@ PROBE_GFLOP = 0.4                    # forward conv GFLOP of one probe call (set
 TRAIN_CANDIDATES = ("fp32", "bf16")
 PREDICT_CANDIDATES = ("fp32", "bf16", "int8")
 
-# How idle OpenMP threads wait. "passive": sleep at once (no spinning). Measured on the project's
-# 2-core AMD EPYC with another CPU-bound process running (demo-sized bf16 training step, median of
-# 3-6 steps, two rounds): default 13.2 / 5.8 img/s, passive 14.6 / 9.1, one thread 15.4 / 10.0.
-# The quiet-machine cost of "passive" is measured by benchmarks/train_throughput.py --policy.
+# How idle OpenMP threads wait. "passive": sleep at once instead of spinning. Measured on the
+# project's 2-core AMD EPYC while other CPU-bound work ran (no quiet machine was available):
+#   demo-sized bf16 step (features 16..128, batch 16, 128 x 128), load ~3-6, median of 3-6 steps,
+#   two rounds: default 13.2 / 5.8 img/s, passive 14.6 / 9.1, single thread 15.4 / 10.0;
+#   a tiny fit (features 8, 16; 32 x 32; 20 steps of 8), load 12-14, two rounds: default 5.5 / 3.5
+#   img/s, passive 37.0 / 38.5, single thread 96.9 / 109.3.
+# Single thread wins under load but halves a quiet machine's speed; passive is the default until
+# a quiet comparison (benchmarks/train_throughput.py --policy NAME [--contended]) says otherwise.
 OPENMP_POLICIES = {
     "default": {},
     "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
     "short_spin": {"GOMP_SPINCOUNT": "10000"},
+    "single_thread": {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"},
 }
 DEFAULT_OPENMP_POLICY = "passive"
 POLICY_ENV = "ABDOSEG_OPENMP_POLICY"  # choose another policy by name (benchmarks use it)

@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import warnings
 from collections.abc import Iterable, Sequence
 from contextlib import redirect_stdout
@@ -89,12 +90,20 @@ def prediction_model(model: nn.Module, cfg: TrainConfig, params: PreprocessParam
     return model, torch.bfloat16 if precision == "bf16" else None, precision
 
 
+def _import_onnxruntime():
+    """``import onnxruntime`` with its telemetry off: otherwise it writes a ``.ses`` file into the
+    current folder, which may be the user's."""
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    import onnxruntime
+    return onnxruntime
+
+
 def onnxruntime_available() -> bool:
     """True when onnx, onnxruntime and onnxscript (torch's ONNX exporter) import."""
     try:
         import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
         import onnxscript  # noqa: F401
+        _import_onnxruntime()
     except ImportError:
         return False
     return True
@@ -146,6 +155,7 @@ def quantize_onnx(fp32_path, int8_path, batches: Iterable[np.ndarray]) -> Path:
     Args:
         batches: float32 arrays ``(B, C, H, W)`` like the model's real inputs.
     """
+    _import_onnxruntime()
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
@@ -222,7 +232,7 @@ class OnnxModel(nn.Module):
 
     def __init__(self, path, in_channels: int = 1, threads: int | None = None):
         super().__init__()
-        import onnxruntime
+        onnxruntime = _import_onnxruntime()
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads or usable_cpu_count()
         options.inter_op_num_threads = 1
