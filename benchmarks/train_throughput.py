@@ -267,8 +267,7 @@ def start_competitors(count: int) -> list[subprocess.Popen]:
 
 def stop_competitors(processes: list[subprocess.Popen]) -> None:
     for process in processes:
-        process.kill()
-        process.wait()
+        process.kill(), process.wait()
 
 
 def auto_choice(cfg: TrainConfig, purpose: str, device: torch.device) -> dict:
