@@ -24,9 +24,20 @@ Each measurement runs in a fresh subprocess, so ``peak_rss_mb_*`` (the child's o
 (Python, torch, the model); ``load_average_*`` shows whether other work shared the machine, and
 ``cpu_seconds_*`` (the child's user + system time, import included) is less sensitive to it.
 
+(d) the first slice count again with the precision forced to fp32, bf16 and int8 (ONNX Runtime,
+    when installed; ``quantize_seconds`` is the one-time quantization, cached afterwards), then
+    ``auto`` once more (``precision_auto``: what the calibration chose); ``auto_fraction_of_best``
+    is the fastest forced time over auto's. With ``--dice-checkpoint`` a trained model's mean
+    held-out Dice in fp32 and int8 (``dice_by_precision``).
+
+The run has its own calibration/int8 cache (``ABDOSEG_CACHE_DIR`` in its temporary folder): the
+parent calibrates first (``calibration`` in the JSON), and the children find the choice cached.
+
 Usage::
 
-    python benchmarks/inference.py                      # 200 and 600 slices, CPU: ~5 minutes
+    python benchmarks/inference.py                      # 200 and 600 slices, CPU: ~8 minutes
+    python benchmarks/inference.py --dice-checkpoint runs/demo/run/checkpoints/best.pt \
+        --dice-images runs/demo/raw/heldout/Image --dice-masks runs/demo/raw/heldout/Mask
     python benchmarks/inference.py --device cuda
     python benchmarks/inference.py --quick              # 128 x 128 x (20, 40), seconds
 
@@ -47,6 +58,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from training.cpu import benchmark_record, prepare_openmp_environment  # noqa: E402
+
+prepare_openmp_environment()  # before torch loads, as the command line does (training/cpu.py)
 
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
@@ -86,12 +101,32 @@ def peak_rss_mb() -> float:
 
 # --------------------------------------------------------------------------- children
 
-def ours(checkpoint: Path, ct: Path, out: Path, device: str) -> dict:
+def ours(checkpoint: Path, ct: Path, out: Path, device: str, precision: str = "auto") -> dict:
     started = time.perf_counter()
-    summary = predict_files(checkpoint, ct, out, device=device, progress=False)
+    summary = predict_files(checkpoint, ct, out, device=device, progress=False, precision=precision)
     if summary["failed"]:
         raise RuntimeError(summary["failed"])
+    return {"seconds": time.perf_counter() - started, "precision": summary["precision"]}
+
+
+def quantize_once(checkpoint: Path) -> dict:
+    """Make (and cache) the int8 model of `checkpoint`: what the first int8 prediction adds."""
+    from training.quantize import int8_model
+    started = time.perf_counter()
+    model, cfg, params = model_from_checkpoint(load_checkpoint(checkpoint))
+    int8_model(fold_batchnorm(model), cfg, params)
     return {"seconds": time.perf_counter() - started}
+
+
+def dice_by_precision(checkpoint: Path, images: Path, masks: Path, out: Path, device: str) -> dict:
+    """Mean held-out 3D Dice of fp32 and int8 predictions (``evaluate_folders``, full labels)."""
+    from training.evaluate import evaluate_folders
+    dice = {}
+    for precision in ("fp32", "int8"):
+        predict_files(checkpoint, images, out / precision, device=device, progress=False, precision=precision)
+        dice[precision] = evaluate_folders(out / precision, masks, "full", out / f"eval_{precision}",
+                                           progress=False)["mean_dice"]
+    return {"dice": dice, "int8_minus_fp32": dice["int8"] - dice["fp32"]}
 
 
 def seed_way(checkpoint: Path, ct: Path, out: Path, device: str, limit: int) -> dict:
@@ -126,7 +161,7 @@ def model_only(device: str, seconds: float) -> dict:
     device = select_device(device)
     cfg = TrainConfig()
     model = fold_batchnorm(UNet(features=cfg.features)).to(device).to(memory_format=torch.channels_last)
-    amp_dtype = select_amp(device, cfg.amp)
+    amp_dtype = select_amp(device, cfg.amp, cfg, purpose="predict")
     batch_size = CPU_MAX_BATCH if device.type == "cpu" else 256
     batch = torch.rand(batch_size, 1, *TARGET_SIZE, device=device).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode(), autocast_context(device, amp_dtype):
@@ -151,7 +186,11 @@ def _synchronize(device: torch.device) -> None:
 def child(args) -> None:
     started = time.perf_counter()
     if args.child == "ours":
-        result = ours(args.checkpoint, args.input, args.out, args.device)
+        result = ours(args.checkpoint, args.input, args.out, args.device, args.precision)
+    elif args.child == "quantize":
+        result = quantize_once(args.checkpoint)
+    elif args.child == "dice":
+        result = dice_by_precision(args.checkpoint, args.input, args.masks, args.out, args.device)
     elif args.child == "seed":
         result = seed_way(args.checkpoint, args.input, args.out, args.device, args.seed_limit)
     else:
@@ -164,10 +203,10 @@ def child(args) -> None:
 
 # --------------------------------------------------------------------------- parent
 
-def run_child(mode: str, args, **paths) -> dict:
+def run_child(mode: str, args, precision: str = "auto", **paths) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--device", args.device,
                "--size", str(args.size), "--seed-limit", str(args.seed_limit),
-               "--model-seconds", str(args.model_seconds)]
+               "--model-seconds", str(args.model_seconds), "--precision", precision]
     for key, value in paths.items():
         command += [f"--{key}", str(value)]
     started = time.perf_counter()
@@ -181,6 +220,7 @@ def run_child(mode: str, args, **paths) -> dict:
 
 def main(args) -> dict:
     work = Path(tempfile.mkdtemp(prefix="abdoseg-inference-"))
+    os.environ["ABDOSEG_CACHE_DIR"] = str(work / "cache")  # the children's calibration and int8 cache
     try:
         torch.manual_seed(0)
         cfg = TrainConfig()  # the seed model: features 64, 128, 256, 512
@@ -201,7 +241,7 @@ def main(args) -> dict:
         result = {"load_average_at_start": os.getloadavg(), "device": str(select_device(args.device)),
                   "size": args.size, "threads": torch.get_num_threads(),
                   "model": "UNet features (64, 128, 256, 512), random init, 256x256",
-                  "cpu_max_batch": CPU_MAX_BATCH}
+                  "cpu_max_batch": CPU_MAX_BATCH, "calibration": benchmark_record(str(select_device(args.device).type))}
         model = run_child("model", args)
         result.update(slices_per_s_model_only=model["slices_per_s"], model_only_batch=model["batch_size"],
                       amp=model["amp"], peak_rss_mb_model_only=model["peak_rss_mb"])
@@ -217,6 +257,7 @@ def main(args) -> dict:
             log(f"ours {num_slices} slices: {run['seconds']:.1f} s, peak RSS {run['peak_rss_mb']:.0f} MB")
 
         num_slices = args.slices[0]
+        result.update(by_precision(args, checkpoint, cts[num_slices], num_slices, work))
         seed = run_child("seed", args, checkpoint=checkpoint, input=cts[num_slices], out=work)
         result.update({f"seed_way_seconds_{num_slices}": seed["seconds"],
                        f"seed_way_peak_rss_mb_{num_slices}": seed["peak_rss_mb"],
@@ -226,12 +267,39 @@ def main(args) -> dict:
                        "seed_way_load_seconds": seed["load_seconds"], "seed_way_save_seconds": seed["save_seconds"],
                        f"speedup_{num_slices}": seed["seconds"] / result[f"seconds_{num_slices}"],
                        "seed_way": SEED_WAY})
+        result[f"seed_way_over_best_{num_slices}"] = seed["seconds"] / min(
+            value for key, value in result.items() if key.startswith(f"seconds_{num_slices}"))
+        if args.dice_checkpoint:
+            result["dice_by_precision"] = run_child("dice", args, checkpoint=args.dice_checkpoint,
+                                                    input=args.dice_images, masks=args.dice_masks,
+                                                    out=work / "dice")
+            log(f"Dice fp32 / int8: {result['dice_by_precision']['dice']}")
         result["load_average_at_end"] = os.getloadavg()  # other processes on the machine skew the seconds
         log(f"seed way {num_slices} slices: {seed['seconds']:.1f} s "
             f"(loop extrapolated from {seed['extrapolated_from']} slices), peak RSS {seed['peak_rss_mb']:.0f} MB")
         return result
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def by_precision(args, checkpoint: Path, ct: Path, num_slices: int, work: Path) -> dict:
+    """The same prediction forced to fp32, bf16 and int8 (int8: quantized once beforehand, timed apart)."""
+    from training.quantize import onnxruntime_available
+    result = {"precision_auto": None, "quantize_seconds": None}
+    precisions = ["fp32", "bf16"] + (["int8"] if onnxruntime_available() and args.device != "cuda" else [])
+    precisions = precisions[:1] if args.quick else precisions  # a smoke run: the mechanism, not the figures
+    for precision in precisions:
+        if precision == "int8":
+            result["quantize_seconds"] = run_child("quantize", args, checkpoint=checkpoint)["seconds"]
+        run = run_child("ours", args, precision, checkpoint=checkpoint, input=ct, out=work / f"out_{precision}")
+        result[f"seconds_{num_slices}_{precision}"] = run["seconds"]
+        log(f"ours, forced {precision}: {run['seconds']:.1f} s")
+    forced = [value for key, value in result.items() if key.startswith("seconds_")]
+    auto = run_child("ours", args, "auto", checkpoint=checkpoint, input=ct, out=work / "out_auto")
+    result.update({"precision_auto": auto["precision"], f"seconds_{num_slices}_auto_cached": auto["seconds"],
+                   "auto_fraction_of_best": min(forced) / auto["seconds"]})
+    log(f"ours, auto again (calibration cached): {auto['seconds']:.1f} s, {auto['precision']}")
+    return result
 
 
 def parse_args(argv=None):
@@ -242,8 +310,13 @@ def parse_args(argv=None):
     parser.add_argument("--size", type=int, default=None, help="in-plane voxels (default 512)")
     parser.add_argument("--seed-limit", type=int, default=None, help="seed-way slices actually run (default 20)")
     parser.add_argument("--model-seconds", type=float, default=None, help="model-only timing length")
-    parser.add_argument("--child", choices=("ours", "seed", "model"), help=argparse.SUPPRESS)
-    for name in ("checkpoint", "input", "out"):
+    parser.add_argument("--dice-checkpoint", type=Path, help="a trained checkpoint (e.g. the demo's best.pt): "
+                        "also report fp32 and int8 Dice on --dice-images / --dice-masks (full labels)")
+    parser.add_argument("--dice-images", type=Path)
+    parser.add_argument("--dice-masks", type=Path)
+    parser.add_argument("--precision", default="auto", help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("ours", "seed", "model", "quantize", "dice"), help=argparse.SUPPRESS)
+    for name in ("checkpoint", "input", "out", "masks"):
         parser.add_argument(f"--{name}", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.slices = args.slices or ([20, 40] if args.quick else [200, 600])

@@ -45,6 +45,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from training.cpu import benchmark_record, prepare_openmp_environment  # noqa: E402
+
+prepare_openmp_environment()  # before torch loads, as the command line does (training/cpu.py)
+
 import torch  # noqa: E402
 
 from training.config import TrainConfig  # noqa: E402
@@ -236,6 +240,7 @@ def main(argv=None) -> dict:
         "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "note": ("on CPU the loader workers and the step share the same cores in real training, "
                  "so the ratio measured apart is an upper bound") if not cuda else "",
+        "calibration": benchmark_record(rt.device.type, cfg.features),  # what amp=auto chose here
         "quick": args.quick,
     }
     print(json.dumps(result))

@@ -44,6 +44,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from training.cpu import benchmark_record, prepare_openmp_environment  # noqa: E402
+
+prepare_openmp_environment()  # before torch loads, as the command line does (training/cpu.py)
+
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 import scipy.ndimage  # noqa: E402
@@ -171,6 +175,7 @@ def main(argv=None) -> dict:
         "cases": args.cases, "phantom_shape": [args.size, args.size, args.slices],
         "target_size": list(params.target_size), "seed_scheme": SEED_SCHEME,
         "bytes_note": "apparent file sizes incl. manifest/meta JSON, per preprocessed slice",
+        "calibration": benchmark_record(),  # the machine's amp=auto choice, for comparing runs
         "quick": args.quick,
     }
     print(json.dumps(result))

@@ -33,9 +33,22 @@ Each timing starts after warm-up steps (compilation, worker start-up, allocator 
 peak of the run's own precision: (a) over fp32, (b) over bf16 (or fp32 when the device has no
 fast bf16 and ``select_amp`` picks fp32).
 
+(b) and (c) on CPU run the fast settings twice, in fp32 and in bf16 (both channels_last), and
+report which one ``amp=auto`` chose (``training.cpu.choose_cpu_precision``, the short calibration
+on the model's own layer widths) and ``auto_fraction_of_best``: the chosen precision's rate over
+the better of the two measured here. The fraction of peak of the fast run is taken over the
+faster precision's matmul peak (the larger of the fp32 and bf16 figures).
+
+``--contended`` then measures auto's precision again while ``usable_cpu_count()`` busy loops
+(``python -c "while True: pass"``) compete for the CPUs, so this process's fair share is one
+half; ``contended_fraction_of_quiet`` is that rate over the quiet one. ``--policy NAME`` runs
+with another OpenMP wait policy (``training.cpu.OPENMP_POLICIES``) to compare them.
+
 Usage::
 
     python benchmarks/train_throughput.py                        # CPU: a few minutes
+    python benchmarks/train_throughput.py --contended            # and again with competitors
+    python benchmarks/train_throughput.py --contended --policy default   # libgomp's own waiting
     python benchmarks/train_throughput.py --device cuda --batch-size 64 --compile
     python benchmarks/train_throughput.py --quick                # a smoke run in seconds
 
@@ -47,12 +60,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from training.cpu import (OPENMP_POLICIES, choose_cpu_precision, cpu_model_name,  # noqa: E402
+                          prepare_openmp_environment, usable_cpu_count)
+
+
+def _policy_from_argv(argv) -> str | None:
+    """``--policy NAME`` read before argparse: OpenMP reads its settings once, when torch loads."""
+    return argv[argv.index("--policy") + 1] if "--policy" in argv[:-1] else None
+
+
+OPENMP_SET = prepare_openmp_environment(_policy_from_argv(sys.argv))  # before torch loads
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -213,8 +238,43 @@ def parse_args(argv=None):
                                help="torch.compile the fast run (default: on CUDA only)")
     compile_group.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--skip-plain", action="store_true", help="measure (b) only")
+    parser.add_argument("--contended", action="store_true",
+                        help="measure auto's precision again while busy loops compete for the CPUs")
+    parser.add_argument("--policy", choices=sorted(OPENMP_POLICIES), default=None,
+                        help="OpenMP wait policy (default: training.cpu's)")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny data and model")
     return parser.parse_args(argv)
+
+
+def measure_fast(base: TrainConfig, amp: str, data: Path, sizes: dict, warmup: int, steps: int,
+                 compile_fast: bool) -> dict:
+    """Training images/s and inference slices/s of the fast settings with ``amp`` forced."""
+    cfg = base.replace(compile=compile_fast, amp=amp)
+    rt = setup_runtime(cfg)
+    print(f"fast {amp} ({rt.amp_dtype}, channels_last, compile={compile_fast}): {warmup} + {steps} steps ...",
+          file=sys.stderr, flush=True)
+    train_rate, model = measure_training(cfg, rt, data, warmup, steps)
+    infer_model = wrap_model(fold_batchnorm(model).to(memory_format=torch.channels_last), cfg, rt)
+    images = inference_batch(cfg, data, sizes["infer_batch"], rt)
+    infer_rate = measure_inference(infer_model, images, rt, 2 if compile_fast else 1, sizes["infer_steps"])
+    return {"train": train_rate, "infer": infer_rate, "amp_dtype": str(rt.amp_dtype)}
+
+
+def start_competitors(count: int) -> list[subprocess.Popen]:
+    """`count` CPU-bound busy loops (killed by :func:`stop_competitors`)."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+
+
+def stop_competitors(processes: list[subprocess.Popen]) -> None:
+    for process in processes:
+        process.kill(), process.wait()
+
+
+def auto_choice(cfg: TrainConfig, purpose: str, device: torch.device) -> dict:
+    """What ``amp=auto`` takes for `purpose` (CPU: the calibration, cached; CUDA: bf16)."""
+    if device.type != "cpu":
+        return {"precision": "bf16", "how": "cuda rule"}
+    return choose_cpu_precision(cfg.features, cfg.in_channels, purpose).to_dict()
 
 
 def main(argv=None) -> dict:
@@ -230,9 +290,10 @@ def main(argv=None) -> dict:
     if args.num_workers is not None:
         base = base.replace(num_workers=args.num_workers)
     load_before = os.getloadavg()[0]
+    calibration = {"train": auto_choice(base, "train", device), "predict": auto_choice(base, "predict", device)}
+    auto_amp = calibration["train"]["precision"]
 
     flops_forward = conv_flops_per_image(base, sizes["size"])
-    flops_train = 3 * flops_forward
     print(f"matmul peak ({sizes['matmul']}^3) ...", file=sys.stderr, flush=True)
     peaks = [matmul_peaks(device, sizes["matmul"])]
 
@@ -249,58 +310,89 @@ def main(argv=None) -> dict:
             print("(a) plain fp32 inference ...", file=sys.stderr, flush=True)
             plain["infer"] = measure_inference(plain_model, images, plain_rt, 1, sizes["infer_steps"])
             del plain_model, images
-
-        fast_cfg = base.replace(compile=compile_fast)
-        rt = setup_runtime(fast_cfg)
-        print(f"(b) fastest ({rt.amp_dtype}, channels_last, compile={compile_fast}): {warmup} + {steps} steps ...",
-              file=sys.stderr, flush=True)
-        fast_train, fast_model = measure_training(fast_cfg, rt, data, warmup, steps)
-        folded = fold_batchnorm(fast_model).to(memory_format=torch.channels_last)
-        infer_model = wrap_model(folded, fast_cfg, rt)
-        images = inference_batch(fast_cfg, data, sizes["infer_batch"], rt)
-        print("(b) fastest inference ...", file=sys.stderr, flush=True)
-        fast_infer = measure_inference(infer_model, images, rt, 2 if compile_fast else 1, sizes["infer_steps"])
+        precisions = ("bf16",) if cuda else ("fp32", "bf16")
+        fast = {amp: measure_fast(base, amp, data, sizes, warmup, steps, compile_fast) for amp in precisions}
+        contended = None
+        if args.contended:
+            competitors = start_competitors(usable_cpu_count())
+            try:
+                time.sleep(0.5)
+                contended = measure_fast(base, auto_amp, data, sizes, warmup, steps, compile_fast)
+            finally:
+                stop_competitors(competitors)
 
     print("matmul peak again ...", file=sys.stderr, flush=True)
     peaks.append(matmul_peaks(device, sizes["matmul"]))
     peak = {key: max(p[key] for p in peaks) for key in peaks[0]}
-    fast_peak = peak["bf16"] if rt.amp_dtype in (torch.bfloat16, torch.float16) else peak["fp32"]
+    result = summarize(args, base, sizes, device, peaks, peak, plain, fast, calibration, contended,
+                       flops_forward, compile_fast, warmup, steps, plain_steps, load_before)
+    print(json.dumps(result))
+    return result
+
+
+def summarize(args, base, sizes, device, peaks, peak, plain, fast, calibration, contended, flops_forward,
+              compile_fast, warmup, steps, plain_steps, load_before) -> dict:
+    """The JSON line: headline keys first."""
+    flops_train = 3 * flops_forward
+    cuda = device.type == "cuda"
+    auto_amp = calibration["train"]["precision"] if calibration["train"]["precision"] in fast else "bf16"
+    auto_infer = calibration["predict"]["precision"] if calibration["predict"]["precision"] in fast else auto_amp
+    best_peak = max(peak["fp32"], peak["bf16"])  # the faster precision's matmul figure
 
     def fraction(rate, flops, peak_gflops):
         return round(rate * flops / 1e9 / peak_gflops, 4)
 
+    best_train = max(run["train"] for run in fast.values())
+    best_infer = max(run["infer"] for run in fast.values())
     result = {
-        "train_images_per_s": round(fast_train, 2),
+        "train_images_per_s": round(fast[auto_amp]["train"], 2),
         "plain_fp32_train_images_per_s": round(plain["train"], 2) if plain else None,
-        "train_fraction_of_matmul_peak": fraction(fast_train, flops_train, fast_peak),
+        "train_fraction_of_matmul_peak": fraction(fast[auto_amp]["train"], flops_train, best_peak),
         "plain_fp32_train_fraction_of_fp32_matmul_peak": fraction(plain["train"], flops_train, peak["fp32"])
         if plain else None,
-        "infer_slices_per_s": round(fast_infer, 2),
+        "infer_slices_per_s": round(fast[auto_infer]["infer"], 2),
         "plain_fp32_infer_slices_per_s": round(plain["infer"], 2) if plain else None,
-        "infer_fraction_of_matmul_peak": fraction(fast_infer, flops_forward, fast_peak),
+        "infer_fraction_of_matmul_peak": fraction(fast[auto_infer]["infer"], flops_forward, best_peak),
         "plain_fp32_infer_fraction_of_fp32_matmul_peak": fraction(plain["infer"], flops_forward, peak["fp32"])
         if plain else None,
+        "auto_train_precision": auto_amp, "auto_predict_precision": calibration["predict"]["precision"],
+        "auto_fraction_of_best": round(fast[auto_amp]["train"] / best_train, 4),
+        "auto_infer_fraction_of_best": round(fast[auto_infer]["infer"] / best_infer, 4),
+        "by_precision": {amp: {"train_images_per_s": round(run["train"], 2),
+                               "train_fraction_of_best_matmul_peak": fraction(run["train"], flops_train, best_peak),
+                               "infer_slices_per_s": round(run["infer"], 2),
+                               "infer_fraction_of_best_matmul_peak": fraction(run["infer"], flops_forward, best_peak)}
+                         for amp, run in fast.items()},
+        "contended_fraction_of_quiet": round(contended["train"] / fast[auto_amp]["train"], 4) if contended else None,
+        "contended": {"train_images_per_s": round(contended["train"], 2),
+                      "infer_slices_per_s": round(contended["infer"], 2),
+                      "infer_fraction_of_quiet": round(contended["infer"] / fast[auto_amp]["infer"], 4),
+                      "competitors": usable_cpu_count(), "precision": auto_amp} if contended else None,
+        "calibration": calibration,
+        "cpu_model": cpu_model_name(),
         "matmul_peak_gflops": {key: round(value, 1) for key, value in peak.items()},
         "matmul_gflops_start_end": [{key: round(value, 1) for key, value in p.items()} for p in peaks],
         "flops_per_image": flops_forward,  # forward, one image
         "train_flops_per_image": flops_train,
         "device": str(device),
-        "speedup_vs_plain_fp32": round(fast_train / plain["train"], 2) if plain else None,
-        "fast_settings": {"amp_dtype": str(rt.amp_dtype), "channels_last": fast_cfg.channels_last,
-                          "compile": compile_fast, "augment": fast_cfg.augment.enabled,
-                          "cpu_keep_freed_memory": device.type == "cpu" and fast_cfg.cpu_keep_freed_memory,
+        "speedup_vs_plain_fp32": round(fast[auto_amp]["train"] / plain["train"], 2) if plain else None,
+        "fast_settings": {"channels_last": base.channels_last, "compile": compile_fast,
+                          "augment": base.augment.enabled,
+                          "cpu_keep_freed_memory": device.type == "cpu" and base.cpu_keep_freed_memory,
                           "fold_batchnorm_inference": True},
-        "batch_size": batch_size, "infer_batch_size": sizes["infer_batch"], "image_size": sizes["size"],
+        "openmp": {"policy": args.policy or "default of training.cpu", "set_here": OPENMP_SET,
+                   **{key: os.environ.get(key) for key in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}},
+        "batch_size": base.batch_size, "infer_batch_size": sizes["infer_batch"], "image_size": sizes["size"],
         "features": list(base.features), "num_workers": base.num_workers, "warmup_steps": warmup,
         "timed_steps": {"fast": steps, "plain": plain_steps if plain else 0},
-        "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(), "usable_cpus": usable_cpu_count(), "torch": torch.__version__,
         "gpu": torch.cuda.get_device_name(device) if cuda else None,
         "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-        "notes": "fractions: (b) over the bf16 matmul peak, (a) over fp32; FLOPs count convolutions only; "
+        "notes": "train/infer_fraction_of_matmul_peak: auto's precision over the faster precision's matmul peak; "
+                 "(a) over fp32; FLOPs count convolutions only; "
                  + ("CPU: compile off by default (pass --compile to try it)" if not cuda and not compile_fast else ""),
         "quick": args.quick,
     }
-    print(json.dumps(result))
     return result
 
 

@@ -19,6 +19,8 @@ SHARED_DATA = Path(os.environ.get("ABDOSEG_SHARED_DATA", REPO_ROOT.parent / "sha
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: a long test (minutes on 2 cores); deselect with -m 'not slow'")
+    config.addinivalue_line("markers", "browser: drives JupyterLab and report.html in headless Chromium "
+                                       "(tests/test_browser.py); deselect with -m 'not browser'")
 
 
 @pytest.fixture(scope="session")
@@ -35,8 +37,8 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A preprocessed folder of 3 fully labelled 64x64x12 phantoms at 32x32, shared by tests."""
-    from utils.phantom import write_phantom_dataset
     from utils.geometry import PreprocessParams
+    from utils.phantom import write_phantom_dataset
     from utils.preprocess_data import preprocess_dataset
     root = tmp_path_factory.mktemp("tiny")
     write_phantom_dataset(root / "raw", 3, "full", seed=5, size=64, num_slices=12, progress=False)
@@ -45,6 +47,13 @@ def tiny_data(tmp_path_factory) -> Path:
     return root / "pre"
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "browser: drives JupyterLab and report.html in headless Chromium "
-                                       "(tests/test_browser.py); deselect with -m 'not browser'")
+@pytest.fixture(autouse=True, scope="session")
+def private_cache_folder(tmp_path_factory):
+    """Keep the precision calibration cache (training/cpu.py) out of the user's home during tests."""
+    previous = os.environ.get("ABDOSEG_CACHE_DIR")
+    os.environ["ABDOSEG_CACHE_DIR"] = str(tmp_path_factory.mktemp("abdoseg-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("ABDOSEG_CACHE_DIR", None)
+    else:
+        os.environ["ABDOSEG_CACHE_DIR"] = previous

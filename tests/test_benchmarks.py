@@ -24,7 +24,9 @@ HEADLINE_KEYS = {
                       "seed_bytes_per_slice", "disk_ratio_vs_seed", "seed_scheme"},
     "loader.py": {"loader_images_per_s", "step_images_per_s", "ratio", "device", "peak_memory_mb_by_batch"},
     "train_throughput.py": {"train_images_per_s", "plain_fp32_train_images_per_s", "train_fraction_of_matmul_peak",
-                            "infer_slices_per_s", "matmul_peak_gflops", "flops_per_image", "device"},
+                            "infer_slices_per_s", "matmul_peak_gflops", "flops_per_image", "device",
+                            "auto_train_precision", "auto_fraction_of_best", "by_precision", "calibration",
+                            "cpu_model"},
 }
 
 
@@ -50,6 +52,10 @@ def test_quick_run_ends_with_headline_json(script, tmp_path):
     if script == "train_throughput.py":
         assert set(result["matmul_peak_gflops"]) >= {"fp32", "bf16"}
         assert result["flops_per_image"] == flops_counted_by_torch(features=(8, 16), size=64)  # --quick's model
+        assert set(result["by_precision"]) == {"fp32", "bf16"}
+        best = max(run["train_images_per_s"] for run in result["by_precision"].values())
+        chosen = result["by_precision"][result["auto_train_precision"]]["train_images_per_s"]
+        assert result["auto_fraction_of_best"] == pytest.approx(chosen / best, abs=0.01)
 
 
 def flops_counted_by_torch(features: tuple, size: int) -> int:

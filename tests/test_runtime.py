@@ -12,6 +12,7 @@ from torch import nn
 
 import training.runtime as runtime
 from training.config import TrainConfig
+from training.cpu import PrecisionChoice
 from training.runtime import (Runtime, autocast_context, cpu_memory_is_kept, graceful_interrupts, keep_freed_cpu_memory,
                               make_grad_scaler, release_freed_cpu_memory, restored_process_settings, select_amp,
                               stop_requested, wrap_model)
@@ -25,6 +26,9 @@ GLIBC = platform.libc_ver()[0] == "glibc"
 @pytest.mark.parametrize("amp", ["auto", "bf16", "fp16", "off"])
 def test_select_amp_on_cpu(amp, native_bf16, monkeypatch):
     monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: native_bf16)
+    # on CPU 'auto' is measured (training/cpu.py): here bf16 is measured faster whenever it is a candidate
+    monkeypatch.setattr(runtime, "choose_cpu_precision",
+                        lambda *args, candidates: PrecisionChoice(candidates[-1], True, "train", "measured"))
     expected = {"auto": BF16 if native_bf16 else None, "bf16": BF16, "fp16": None, "off": None}
     assert select_amp(CPU, amp) == expected[amp]
 

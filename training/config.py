@@ -64,7 +64,7 @@ class TrainConfig:
     # cues organs rely on
     augment: AugmentParams = field(default_factory=AugmentParams)
     # performance
-    amp: str = "auto"                 # auto | bf16 | fp16 | off
+    amp: str = "auto"                 # auto (CPU: measured, training/cpu.py) | bf16 | fp16 | off = fp32
     channels_last: bool = True
     compile: bool = False             # torch.compile; falls back to eager if it fails
     num_workers: int = 2
@@ -113,7 +113,7 @@ _HINTS = typing.get_type_hints(TrainConfig)
 _AUGMENT_HINTS = typing.get_type_hints(AugmentParams)
 _CHOICES = {
     "loss": ("weighted_ce", "dice", "dice_ce"), "optimizer": ("adamw", "sgd"),
-    "scheduler": ("step", "poly", "cosine", "constant"), "amp": ("auto", "bf16", "fp16", "off"),
+    "scheduler": ("step", "poly", "cosine", "constant"), "amp": ("auto", "bf16", "fp16", "off", "fp32"),
     "wandb": ("off", "offline", "online"),
 }
 

@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 from network.unet import fold_batchnorm
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.predict_io import case_name, check_formats, input_cases, output_place, read_case, write_extra_outputs
-from training.runtime import autocast_context, select_amp, select_device
+from training.quantize import prediction_model
+from training.runtime import autocast_context, select_device
 from utils.errors import UserError
 from utils.labels import COLORS, DISPLAY_NAMES, NUM_CLASSES, ORGANS, LabelSource, get_source
 from utils.files import write_text
@@ -270,7 +271,8 @@ def keep_largest_component(labels: np.ndarray) -> np.ndarray:
 
 def predict_files(checkpoint, inputs, out_dir, device="auto", batch_size: int = 32,
                   save_probabilities: bool = False, largest_component: bool = False, fold_bn: bool = True,
-                  progress: bool = True, formats=("nifti",), statistics: bool = False) -> dict:
+                  progress: bool = True, formats=("nifti",), statistics: bool = False,
+                  precision: str = "auto") -> dict:
     """Predict every CT in `inputs` (a file, a folder, a DICOM series folder or a folder of them) into `out_dir`.
 
     Writes ``OUT/<case_id>.nii.gz`` (uint8, the input's exact shape and affine), optionally
@@ -286,10 +288,11 @@ def predict_files(checkpoint, inputs, out_dir, device="auto", batch_size: int = 
         formats: of ``predict_io.FORMATS``; ``dicom-seg``/``rtstruct`` need DICOM input.
         statistics: also write ``<case_id>_statistics.json``. An `out_dir` ending in ``.nii.gz``
             names a single case's label file (no label description files then).
+        precision: auto | fp32 | bf16 | int8 (``training.quantize.prediction_model``).
 
     Returns:
         ``{"written": [label files], "probabilities", "seg", "rtstruct", "statistics": [files],
-        "failed": [{"file", "error"}], "seconds": wall time}``.
+        "failed": [{"file", "error"}], "seconds": wall time, "precision": what ran}``.
 
     Raises:
         PredictError: `inputs` missing or holding no NIfTI file, or `out_dir` is the input folder.
@@ -307,10 +310,8 @@ def predict_files(checkpoint, inputs, out_dir, device="auto", batch_size: int = 
         pending_write = None
         device = select_device(device)
         model, cfg, params = model_from_checkpoint(load_checkpoint(checkpoint))
-        if fold_bn:
-            model = fold_batchnorm(model)
-        model.to(device)
-        amp_dtype = select_amp(device, cfg.amp)
+        model = (fold_batchnorm(model) if fold_bn else model).to(device)
+        model, amp_dtype, summary["precision"] = prediction_model(model, cfg, params, device, precision)
         out_dir.mkdir(parents=True, exist_ok=True)  # only now: a bad checkpoint leaves no folder behind
         if single_stem is None:
             write_label_descriptions(out_dir)

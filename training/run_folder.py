@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.config import TrainConfig
 from utils.errors import UserError
-from utils.files import atomic_path, write_json, write_text
+from utils.files import atomic_path, write_json
 
 RUN_FILES = ("log.csv", "curves.png", "config.json", "checkpoints/last.pt", "checkpoints/best.pt")
 

@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from training.checkpoint import build_model
 from training.config import TrainConfig
+from training.cpu import choose_cpu_precision
 from training.run_folder import RunFolderError
 from training.sync_batchnorm import convert_sync_batchnorm
 
@@ -56,21 +57,23 @@ def select_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def select_amp(device: torch.device, amp: str) -> torch.dtype | None:
-    """Autocast dtype for a device: bf16 on CUDA and on CPUs with native bf16, else fp32 (None).
+def select_amp(device: torch.device, amp: str, cfg: TrainConfig | None = None,
+               purpose: str = "train") -> torch.dtype | None:
+    """Autocast dtype for a device: bf16 on CUDA (fp16 without bf16); on CPU, 'auto' takes
+    whichever of fp32 and bf16 ran `cfg`'s layer shapes faster on this CPU (training/cpu.py).
 
-    ``amp``: 'auto' | 'bf16' | 'fp16' | 'off'. fp16 on CPU falls back to fp32; on a CUDA device
-    without bf16, 'auto' gives fp16.
+    ``amp``: 'auto' | 'bf16' | 'fp16' | 'off' = 'fp32'. fp16 on CPU falls back to fp32.
     """
-    if amp == "off":
+    if amp in ("off", "fp32"):
         return None
     if amp == "fp16":
         return torch.float16 if device.type == "cuda" else None
     if device.type == "cuda":
         return torch.bfloat16 if amp == "bf16" or torch.cuda.is_bf16_supported() else torch.float16
-    if amp == "bf16" or cpu_has_bf16():
-        return torch.bfloat16
-    return None
+    if amp == "auto":  # measured, not assumed: bf16 is the slow path on some CPUs that support it
+        return choose_cpu_precision((cfg or TrainConfig()).features, (cfg or TrainConfig()).in_channels,
+                                    purpose, candidates=("fp32", "bf16") if cpu_has_bf16() else ("fp32",)).dtype
+    return torch.bfloat16 if amp == "bf16" else None
 
 
 def cpu_has_bf16() -> bool:
@@ -187,7 +190,7 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return Runtime(device, select_amp(device, cfg.amp), rank, world_size, owns_process_group)
+    return Runtime(device, select_amp(device, cfg.amp, cfg), rank, world_size, owns_process_group)
 
 
 def prepare_model(cfg: TrainConfig, rt: Runtime) -> torch.nn.Module:
