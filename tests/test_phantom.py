@@ -8,9 +8,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from training.visualization import render_phantom_preview
+from training.phantom_preview import render_phantom_preview
 from utils.labels import ORGAN_IDS, PKU_EXAMPLE_IDS, get_source
-from utils.phantom import LAYOUTS, case_id, layout_labels, make_phantom, write_phantom_dataset
+from utils.phantom import (
+    LAYOUTS,
+    case_id,
+    layout_labels,
+    make_phantom,
+    write_phantom_dataset,
+)
 from utils.phantom import writer as phantom_writer
 from utils.volume_io import load_ct
 

@@ -23,7 +23,7 @@ Modules: ``anatomy`` and ``placement``/``bowel`` (every random choice, in mm), `
 ``canvas`` (the voxel grid), the drawing modules above, ``generate`` (:func:`make_phantom`),
 ``layouts`` (label conventions), ``writer`` (NIfTI folders), ``sets`` (written and preprocessed;
 import ``utils.phantom.sets`` itself, it pulls in the preprocessing stack). Figures of a phantom
-live in ``training.visualization`` (``render_phantom_preview``).
+live in ``training.phantom_preview`` (``render_phantom_preview``).
 """
 
 from utils.phantom.generate import Phantom, make_phantom
