@@ -17,12 +17,17 @@ import argparse
 import json
 import os
 import sys
+import time
+import traceback
 import warnings
 from pathlib import Path
 
 from training import __version__
 from training.cpu import prepare_openmp_environment
+from utils.errors import UserError
+from utils.files import write_text
 from utils.labels import SOURCES
+from utils.option_checks import check_positive, check_range, check_window
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -45,14 +50,45 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError) as err:  # our errors are ValueErrors with one-line messages
+    except (UserError, OSError) as err:  # a user's mistake, a full disk, a permission: one line, exit 2
         if args.debug:
             raise
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if isinstance(err, OSError) and err.filename is not None and err.strerror:
-            message = f"{err.filename}: {err.strerror[0].lower()}{err.strerror[1:]}"  # not "[Errno 20] ..."
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {user_error_line(err)}", file=sys.stderr)
         return 2
+    except Exception as err:  # anything else is a bug in abdoseg: one line, the traceback saved
+        if args.debug:
+            raise
+        saved = save_traceback(err)
+        print(f"error: this is a bug in abdoseg ({type(err).__name__}: {first_line(err)}); "
+              f"the traceback is in {saved} (rerun with --debug to print it)", file=sys.stderr)
+        return 1
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def user_error_line(err: Exception) -> str:
+    """One line for a UserError or an OSError (``FILE: permission denied``, not ``[Errno 13] ...``)."""
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        return f"{err.filename}: {err.strerror[0].lower()}{err.strerror[1:]}"
+    return first_line(err)
+
+
+def save_traceback(err: BaseException) -> Path | str:
+    """Write the traceback to a new file under the user's cache (``$XDG_CACHE_HOME/abdoseg/``).
+
+    Never into an output folder: it may be the folder abdoseg refused to write into. Returns
+    the file, or a sentence when no file could be written.
+    """
+    text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "abdoseg"
+    try:
+        return write_text(cache / f"error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt", text)
+    except OSError as problem:
+        return f"nowhere ({cache}: {problem.strerror or problem})"
 
 
 def one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -89,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     phantom.add_argument("--size", type=int, default=512, help="in-plane voxels (same field of view)")
     phantom.add_argument("--slices", type=int, default=None, help="number of axial slices (None: by size)")
     phantom.add_argument("--workers", type=int, default=1, help="parallel processes")
+    phantom.add_argument("--overwrite", action="store_true", help="replace files an earlier phantom run wrote")
     phantom.set_defaults(run=run_phantom)
 
     pre = add_command("preprocess", "NIfTI cases -> preprocessed folder")
@@ -102,13 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--spacing", type=float, default=None, help="resample in-plane to MM per pixel (None: resize)")
     pre.add_argument("--min-clip", type=float, default=-400.0, help="HU window low end")
     pre.add_argument("--max-clip", type=float, default=400.0, help="HU window high end")
+    pre.add_argument("--overwrite", action="store_true", help="replace files an earlier preprocess run wrote")
     pre.set_defaults(run=run_preprocess)
 
     train = add_command("train", "train a U-Net")
     train.add_argument("--data", required=True, nargs="+", type=Path, help="preprocessed folder(s)")
     train.add_argument("-o", "--out", required=True, type=Path, help="run folder")
     train.add_argument("--config", type=Path, help="JSON file of config fields")
-    train.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+    train.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                        help="override config fields, e.g. epochs=5 features=[16,32,64,128]")
     train.add_argument("--resume", action="store_true", help="continue the run in --out")
     train.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
@@ -131,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--largest-component", action="store_true", help="keep each organ's largest component")
     predict.add_argument("--precision", choices=("auto", "fp32", "bf16", "int8"), default="auto",
                          help="auto: the fastest on this CPU, measured once and cached (int8 needs onnxruntime)")
+    predict.add_argument("--overwrite", action="store_true", help="replace files an earlier predict run wrote")
     predict.set_defaults(run=run_predict)
 
     evaluate = add_command("evaluate", "score predictions against ground truth")
@@ -140,32 +179,69 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--label-map", type=Path, help="label-map JSON (pku)")
     evaluate.add_argument("-o", "--out", required=True, type=Path, help="folder for metrics.csv, summary.json")
     evaluate.add_argument("--tolerance-mm", type=float, default=2.0, help="surface Dice tolerance")
+    evaluate.add_argument("--missing-as-miss", action="store_true",
+                          help="score a ground-truth case without a prediction as a complete miss (else an error)")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace files an earlier evaluate run wrote")
     evaluate.set_defaults(run=run_evaluate)
 
     demo = add_command("demo", "the whole pipeline on phantom data")
     demo.add_argument("-o", "--out", type=Path, default=Path("runs/demo"), help="demo folder")
     demo.add_argument("--quick", action="store_true", help="tiny settings (a smoke run)")
-    demo.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override demo settings")
+    demo.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                      help="override demo settings")
+    demo.add_argument("--overwrite", action="store_true", help="replace files an earlier demo run wrote")
     demo.set_defaults(run=run_demo)
+    for command in commands.choices.values():  # --debug before or after the command
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return parser
+
+
+# Bounds on sizes, from the memory they imply (a clear error instead of allocating gigabytes).
+MAX_PHANTOM_SIZE = 1024          # in-plane voxels of a phantom
+MAX_PHANTOM_VOXELS = 2**28       # size * size * slices: about 4 GB of work arrays while drawing
+MAX_SLICE_SIZE = 2048            # preprocess --size: a 2048 x 2048 slice batch is ~1 GB of float32
+MIN_SPACING_MM = 0.25            # preprocess --spacing: 0.25 mm puts a 500 mm field of view on 2000 pixels
+
+
+def check_phantom_options(args) -> None:
+    """Range checks of ``phantom``'s options (UserError naming the option)."""
+    check_positive(args.cases, "--cases", integer=True)
+    check_range(args.cases, "--cases", 1, 999, integer=True)  # case ids hold the index in 3 digits
+    check_range(args.seed, "--seed", 0, None, integer=True)
+    check_range(args.size, "--size", 8, MAX_PHANTOM_SIZE, integer=True)
+    if args.slices is not None:
+        check_range(args.slices, "--slices", 2, MAX_PHANTOM_VOXELS // args.size**2, integer=True)
+    check_positive(args.workers, "--workers", integer=True)
 
 
 def run_phantom(args) -> int:
     from utils.phantom import write_phantom_dataset
+    check_phantom_options(args)
     ids = write_phantom_dataset(args.out, args.cases, args.layout, seed=args.seed, size=args.size,
-                                num_slices=args.slices, workers=args.workers, progress=progress_wanted(args))
+                                num_slices=args.slices, workers=args.workers, progress=progress_wanted(args),
+                                overwrite=args.overwrite)
     print(f"wrote {len(ids)} {args.layout} cases to {args.out}/Image and {args.out}/Mask")
     return 0
 
 
+def check_preprocess_options(args) -> None:
+    """Range checks of ``preprocess``'s options (UserError naming the option)."""
+    if args.source != "nnunet" and args.masks is None:
+        raise UserError(f"is required for --source {args.source}", "--masks")
+    check_positive(args.workers, "--workers", integer=True)
+    check_range(args.size, "--size", 8, MAX_SLICE_SIZE, integer=True)
+    if args.spacing is not None:
+        check_range(args.spacing, "--spacing", MIN_SPACING_MM, None)
+    check_window(args.min_clip, args.max_clip, "--min-clip/--max-clip")
+
+
 def run_preprocess(args) -> int:
     from utils.preprocess_data import PreprocessParams, preprocess_dataset
-    if args.source != "nnunet" and args.masks is None:
-        raise ValueError(f"--masks is required for --source {args.source}")
+    check_preprocess_options(args)
     params = PreprocessParams(args.min_clip, args.max_clip, (args.size, args.size), args.spacing)
     manifest = preprocess_dataset(args.source, args.images, args.masks, args.out, params,
                                   label_map=args.label_map, workers=args.workers,
-                                  progress=progress_wanted(args))
+                                  progress=progress_wanted(args), overwrite=args.overwrite)
     failed = manifest.get("failed", [])
     print(f"{len(manifest['cases'])} cases ready in {args.out}")
     for item in failed:
@@ -183,17 +259,22 @@ def run_train(args) -> int:
     cfg = load_config(args.config, assignments, base=base)
     result = fit(cfg, args.data, args.out, resume=args.resume, overwrite=args.overwrite,
                  progress=progress_wanted(args))
-    print(f"done: {args.out / 'checkpoints'} (last.pt, best.pt), {args.out / 'log.csv'}, "
-          f"{args.out / 'curves.png'}; last val Dice {result.get('val_mean_dice', float('nan')):.3f}")
+    written = [args.out / name for name in ("checkpoints/last.pt", "checkpoints/best.pt", "log.csv", "curves.png")]
+    dice = result.get("val_mean_dice", float("nan"))
+    print(f"done: {', '.join(str(path) for path in written if path.exists())}; last val Dice "
+          f"{dice:.3f}" + ("" if (args.out / "checkpoints/best.pt").exists()
+                           else " (no best.pt: no validation gave a finite Dice)"))
     return 0
 
 
 def run_predict(args) -> int:
     from training.predict import predict_files
+    check_positive(args.batch_size, "--batch-size", integer=True)
     summary = predict_files(args.checkpoint, args.input, args.out, device=args.device,
                             batch_size=args.batch_size, save_probabilities=args.probabilities,
                             largest_component=args.largest_component, progress=progress_wanted(args),
-                            formats=args.format, statistics=args.statistics, precision=args.precision)
+                            formats=args.format, statistics=args.statistics, precision=args.precision,
+                            overwrite=args.overwrite)
     print(f"wrote {len(summary['written'])} label files to {args.out}")
     extras = ", ".join(f"{len(summary[key])} {what}" for key, what in
                        (("seg", "DICOM SEG"), ("rtstruct", "RT Structure Set"), ("statistics", "statistics JSON"))
@@ -207,10 +288,14 @@ def run_predict(args) -> int:
 
 def run_evaluate(args) -> int:
     from training.evaluate import evaluate_folders
+    check_positive(args.tolerance_mm, "--tolerance-mm")
     summary = evaluate_folders(args.pred, args.gt, args.source, args.out, label_map=args.label_map,
-                               tolerance_mm=args.tolerance_mm, progress=progress_wanted(args))
+                               tolerance_mm=args.tolerance_mm, progress=progress_wanted(args),
+                               missing_as_miss=args.missing_as_miss, overwrite=args.overwrite)
     print(json.dumps({k: summary[k] for k in ("cases", "mean_dice") if k in summary}))
     print(f"wrote {args.out / 'metrics.csv'}, {args.out / 'summary.json'}, {args.out / 'dice_per_organ.png'}")
+    for case in summary.get("missing_predictions", []):
+        print(f"missing prediction: {case} (scored as a complete miss)", file=sys.stderr)
     for item in summary.get("failed", []):
         print(f"failed: {item.get('case')}: {item.get('error')}", file=sys.stderr)
     return 2 if summary.get("failed") else 0
@@ -219,7 +304,7 @@ def run_evaluate(args) -> int:
 def run_demo(args) -> int:
     from training.config import parse_set
     from training.demo import run_demo as demo
-    demo(args.out, quick=args.quick, overrides=parse_set(args.set))
+    demo(args.out, quick=args.quick, overrides=parse_set(args.set), overwrite=args.overwrite)
     return 0
 
 
