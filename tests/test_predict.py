@@ -6,6 +6,8 @@ import warnings
 import nibabel as nib
 import numpy as np
 import pytest
+
+from utils.errors import UserError
 import scipy.ndimage
 import torch
 from torch import nn
@@ -221,12 +223,12 @@ def test_folder_with_a_bad_file(tiny_checkpoint, tmp_path):
     sums = np.asarray(probabilities.dataobj).sum(axis=-1, dtype=np.int64)
     assert np.abs(sums - 255).max() <= NUM_CLASSES // 2 + 1  # rounding of 12 values
     assert (tmp_path / "out" / "labels.txt").is_file()
-    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temporaries left
+    assert not [p for p in (tmp_path / "out").rglob(".abdoseg-tmp-*")]  # no temporaries left
 
 
 def test_refuses_to_write_into_the_input_folder(tiny_checkpoint, tmp_path):
     save_volume(synthetic_ct((20, 20, 4), (slice(5, 9),) * 3), np.eye(4), tmp_path / "case.nii.gz")
-    with pytest.raises(predict.PredictError, match="overwrite"):
+    with pytest.raises(UserError, match="input folder"):
         predict_files(tiny_checkpoint, tmp_path, tmp_path, progress=False)
     (tmp_path / "empty").mkdir()
     with pytest.raises(predict.PredictError, match="no .nii"):

@@ -32,12 +32,15 @@ from tqdm.auto import tqdm
 
 from network.unet import fold_batchnorm
 from training.checkpoint import load_checkpoint, model_from_checkpoint
-from training.predict_io import case_name, check_formats, input_cases, output_place, read_case, write_extra_outputs
+from training.predict_io import (ITKSNAP_FILE, SLICER_FILE, SUFFIXES, case_name, check_formats,  # noqa: F401
+                                 claim_case_files, input_cases, output_place, read_case, write_extra_outputs,
+                                 write_label_descriptions)
 from training.quantize import prediction_model
 from training.runtime import autocast_context, select_device
-from utils.errors import UserError
+from utils.errors import UserError, one_line_reason
 from utils.labels import COLORS, DISPLAY_NAMES, NUM_CLASSES, ORGANS, LabelSource, get_source
-from utils.files import write_text
+from utils.option_checks import check_positive
+from utils.output_folder import OutputFolder, claim_output_folder
 from utils.geometry import PreprocessParams, preprocess_image, preprocess_labels, restore_in_plane
 from utils.volume_io import (
     Volume,
@@ -54,8 +57,6 @@ CPU_MAX_BATCH = 4
 RESTORE_CHUNK_BYTES = 256 * 2**20
 # Paired organs: keep the two largest components.
 PAIRED_ORGANS = ("femur_head", "kidney")
-ITKSNAP_FILE = "labels.txt"
-SLICER_FILE = "abdoseg_labels.ctbl"
 
 
 class PredictError(UserError):
@@ -272,14 +273,18 @@ def keep_largest_component(labels: np.ndarray) -> np.ndarray:
 def predict_files(checkpoint, inputs, out_dir, device="auto", batch_size: int = 32,
                   save_probabilities: bool = False, largest_component: bool = False, fold_bn: bool = True,
                   progress: bool = True, formats=("nifti",), statistics: bool = False,
-                  precision: str = "auto") -> dict:
+                  precision: str = "auto", overwrite: bool = False) -> dict:
     """Predict every CT in `inputs` (a file, a folder, a DICOM series folder or a folder of them) into `out_dir`.
 
     Writes ``OUT/<case_id>.nii.gz`` (uint8, the input's exact shape and affine), optionally
     ``OUT/<case_id>_probabilities.nii.gz``, and the label files of
     :func:`write_label_descriptions`. Reading the next file and writing the previous one run
-    in background threads while the model works. Every file is written atomically; an existing
-    output is overwritten. A file that cannot be read as a CT is reported, and the rest completes.
+    in background threads while the model works. `out_dir` is claimed as a ``predict`` output
+    folder (``utils.output_folder``): new, empty or an earlier prediction's, never an input
+    folder, inside one or around one; every file is written atomically, and a file an earlier
+    run wrote is replaced only with `overwrite` (a file abdoseg did not write, never). Any error
+    in one case (an unreadable CT, a volume too large for memory) is reported with its file, and
+    the rest completes.
 
     Args:
         checkpoint: a checkpoint from training; its config and preprocessing rebuild the model.
@@ -289,16 +294,19 @@ def predict_files(checkpoint, inputs, out_dir, device="auto", batch_size: int = 
         statistics: also write ``<case_id>_statistics.json``. An `out_dir` ending in ``.nii.gz``
             names a single case's label file (no label description files then).
         precision: auto | fp32 | bf16 | int8 (``training.quantize.prediction_model``).
+        overwrite: replace files an earlier ``predict`` run wrote in `out_dir` (or, for a
+            ``.nii.gz`` `out_dir`, the named file if it exists).
 
     Returns:
         ``{"written": [label files], "probabilities", "seg", "rtstruct", "statistics": [files],
         "failed": [{"file", "error"}], "seconds": wall time, "precision": what ran}``.
 
     Raises:
-        PredictError: `inputs` missing or holding no NIfTI file, or `out_dir` is the input folder.
+        UserError: `inputs` missing or empty, `out_dir` refused (``utils.output_folder``), a bad `batch_size`.
         training.checkpoint.CheckpointError: an unusable checkpoint.
     """
     started = time.perf_counter()
+    check_positive(batch_size, "batch_size", integer=True)
     files = input_cases(inputs, PredictError)
     formats = check_formats(formats, files, PredictError)
     out_dir, single_stem = output_place(Path(out_dir), files, PredictError)
@@ -312,9 +320,14 @@ def predict_files(checkpoint, inputs, out_dir, device="auto", batch_size: int = 
         model, cfg, params = model_from_checkpoint(load_checkpoint(checkpoint))
         model = (fold_batchnorm(model) if fold_bn else model).to(device)
         model, amp_dtype, summary["precision"] = prediction_model(model, cfg, params, device, precision)
-        out_dir.mkdir(parents=True, exist_ok=True)  # only now: a bad checkpoint leaves no folder behind
+        # only now: a bad checkpoint leaves no folder behind. A file the user named (--out x.nii.gz)
+        # goes where it is named; a folder must be abdoseg's
         if single_stem is None:
-            write_label_descriptions(out_dir)
+            out = claim_output_folder(out_dir, "predict", inputs=[inputs, checkpoint], overwrite=overwrite)
+            write_label_descriptions(out)
+        else:
+            out = None
+            out_dir.mkdir(parents=True, exist_ok=True)
         for i, path in enumerate(tqdm(files, desc="predict", unit="case", disable=not progress)):
             (volume, headers), error = pending_read.result()
             if i + 1 < len(files):
@@ -327,14 +340,20 @@ def predict_files(checkpoint, inputs, out_dir, device="auto", batch_size: int = 
                 continue
             seen[case_id] = path
             settings = (params, cfg.in_channels, device, amp_dtype, batch_size, cfg.channels_last, largest_component)
-            if save_probabilities:
-                labels, probabilities = predict_volume_with_probabilities(model, volume, *settings)
-            else:
-                labels, probabilities = predict_volume(model, volume, *settings), None
+            try:  # one case's failure (out of memory, a bug) is reported; the rest completes
+                if save_probabilities:
+                    labels, probabilities = predict_volume_with_probabilities(model, volume, *settings)
+                else:
+                    labels, probabilities = predict_volume(model, volume, *settings), None
+            except Exception as err:  # noqa: BLE001 (the per-case guard); MemoryError too
+                summary["failed"].append({"file": str(path), "error": f"{path}: {one_line_reason(err)}"})
+                continue
             _collect_write(pending_write, summary)  # at most one volume waits to be written
-            extras = (headers, formats, statistics)
+            extras = (headers, formats, statistics, out, overwrite)
             pending_write = writer.submit(_write_case, labels, probabilities, volume, out_dir / case_id, *extras)
         _collect_write(pending_write, summary)
+        if out is not None:
+            out.close()
     summary["seconds"] = time.perf_counter() - started
     return summary
 
@@ -343,15 +362,20 @@ def _read_ct(path: Path) -> tuple[tuple, str | None]:
     """``((volume, DICOM headers or None), None)``, or ``((None, None), one-line error)``."""
     try:
         return read_case(path), None  # a named caller, so load warnings point here, not into futures
-    except (ValueError, OSError) as err:  # NiftiError is a ValueError
-        return (None, None), str(err).splitlines()[0]
+    except Exception as err:  # noqa: BLE001 (the per-case guard): any error, MemoryError too
+        return (None, None), (one_line_reason(err) if str(path) in str(err) else f"{path}: {one_line_reason(err)}")
 
 
 def _write_case(labels: np.ndarray, probabilities: np.ndarray | None, volume: Volume, stem: Path,
-                headers=None, formats=("nifti",), statistics: bool = False) -> dict:
+                headers=None, formats=("nifti",), statistics: bool = False, out: OutputFolder | None = None,
+                overwrite: bool = False) -> dict:
     """Write one case's outputs; returns ``{"file"?, "probabilities"?, ...}`` or ``{"file", "error"}``."""
     label_path = stem.with_name(stem.name + ".nii.gz")
+    suffixes = [".nii.gz"] * ("nifti" in formats) + ["_probabilities.nii.gz"] * (probabilities is not None) \
+        + ["_statistics.json"] * statistics + [SUFFIXES[name] for name in formats if name in SUFFIXES]
+    names = [stem.name + suffix for suffix in suffixes]
     try:
+        claim_case_files(stem, names, out, overwrite, PredictError)
         done = {"file": str(label_path)} if "nifti" in formats else {}
         if "nifti" in formats:
             save_labels(labels, volume, label_path)
@@ -362,8 +386,8 @@ def _write_case(labels: np.ndarray, probabilities: np.ndarray | None, volume: Vo
             save_volume(on_disk, volume.original_affine, probability_path, dtype=np.uint8)
             done["probabilities"] = str(probability_path)
         return {**done, **write_extra_outputs(labels, volume, headers, stem, formats, statistics)}
-    except (ValueError, OSError) as err:
-        return {"file": volume.path, "error": f"{stem}: could not write ({str(err).splitlines()[0]})"}
+    except Exception as err:  # noqa: BLE001 (the per-case guard)
+        return {"file": volume.path, "error": f"{stem}: could not write ({one_line_reason(err)})"}
 
 
 def _collect_write(future, summary: dict) -> None:
@@ -374,27 +398,3 @@ def _collect_write(future, summary: dict) -> None:
         summary["written"].extend([done["file"]] if "file" in done else [])
         for key in ("probabilities", "seg", "rtstruct", "statistics"):
             summary[key].extend([done[key]] if key in done else [])
-
-
-def write_label_descriptions(out_dir) -> list[Path]:
-    """Write the label names and colours for viewers into `out_dir`.
-
-    ``labels.txt``: ITK-SNAP label description file (``IDX R G B A VIS MSH "LABEL"``), and
-    ``abdoseg_labels.ctbl``: 3D Slicer colour table (``id name R G B A``). Both from
-    ``utils.labels``. Returns the two paths.
-    """
-    out_dir = Path(out_dir)  # write_text makes the folder
-    itk_lines = ["# ITK-SNAP Label Description File (abdoseg)",
-                 "# IDX   -R-  -G-  -B-  -A--  VIS MSH  LABEL"]
-    slicer_lines = ["# 3D Slicer color table (abdoseg)", f"# {NUM_CLASSES} values"]
-    for organ_id, (name, (red, green, blue)) in enumerate(zip(ORGANS, COLORS)):
-        visible = alpha = 0 if organ_id == 0 else 1
-        text = "Clear Label" if organ_id == 0 else DISPLAY_NAMES[organ_id]
-        itk_lines.append(f"{organ_id:>5} {red:>5} {green:>4} {blue:>4} {alpha:>8} "
-                         f"{visible:>2} {visible:>2}    \"{text}\"")
-        slicer_lines.append(f"{organ_id} {name} {red} {green} {blue} {255 if organ_id else 0}")
-    paths = [out_dir / ITKSNAP_FILE, out_dir / SLICER_FILE]
-    for path, lines in zip(paths, (itk_lines, slicer_lines)):
-        write_text(path, "\n".join(lines) + "\n")
-    return paths
-

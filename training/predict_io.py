@@ -8,6 +8,8 @@ JSON, the DICOM SEG and the RT Structure Set (the DICOM ones for DICOM input onl
     output_place(out, cases)            (output folder, label-file stem for a .nii.gz output, or None)
     read_case(path)                     (Volume, DICOM headers or None)
     write_extra_outputs(...)            <stem>_statistics.json, <stem>_seg.dcm, <stem>_rtstruct.dcm
+    claim_case_files(stem, names, out)  checks and records one case's files before they are written
+    write_label_descriptions(out_dir)   labels.txt (ITK-SNAP) and abdoseg_labels.ctbl (3D Slicer)
 """
 
 from __future__ import annotations
@@ -20,10 +22,14 @@ import numpy as np
 from utils.case_files import case_id_from_path, is_nifti, nifti_files
 from utils.dicom_io import dicom_files, load_dicom_series
 from utils.errors import UserError
-from utils.files import write_json
+from utils.files import write_json, write_text
+from utils.labels import COLORS, DISPLAY_NAMES, NUM_CLASSES, ORGANS
 from utils.organ_statistics import organ_statistics
+from utils.output_folder import OutputFolder
 from utils.volume_io import Volume, load_ct
 
+ITKSNAP_FILE = "labels.txt"
+SLICER_FILE = "abdoseg_labels.ctbl"
 FORMATS = ("nifti", "dicom-seg", "rtstruct")  # --format choices; the DICOM ones need DICOM input
 SUFFIXES = {"dicom-seg": "_seg.dcm", "rtstruct": "_rtstruct.dcm"}
 
@@ -114,3 +120,40 @@ def write_extra_outputs(labels: np.ndarray, volume: Volume, headers: list | None
         else:
             done["seg" if name == "dicom-seg" else "rtstruct"] = str(written)
     return done
+
+
+def claim_case_files(stem: Path, names: list[str], out: OutputFolder | None, overwrite: bool,
+                     error: type[UserError] = UserError) -> None:
+    """Check and record the files of one case before any is written (UserError if one may not be).
+
+    In a claimed folder, :meth:`OutputFolder.prepare` decides; a file the user named
+    (``--out x.nii.gz``) is replaced only with `overwrite`.
+    """
+    for name in names:
+        if out is not None:
+            out.prepare(name)
+        elif (stem.parent / name).exists() and not overwrite:
+            raise error(f"{stem.parent / name}: already exists; pass --overwrite to replace it")
+
+
+def write_label_descriptions(out_dir) -> list[Path]:
+    """Write the label names and colours for viewers into `out_dir` (a folder or an OutputFolder).
+
+    ``labels.txt``: ITK-SNAP label description file (``IDX R G B A VIS MSH "LABEL"``), and
+    ``abdoseg_labels.ctbl``: 3D Slicer colour table (``id name R G B A``). Both from
+    ``utils.labels``. Returns the two paths.
+    """
+    itk_lines = ["# ITK-SNAP Label Description File (abdoseg)",
+                 "# IDX   -R-  -G-  -B-  -A--  VIS MSH  LABEL"]
+    slicer_lines = ["# 3D Slicer color table (abdoseg)", f"# {NUM_CLASSES} values"]
+    for organ_id, (name, (red, green, blue)) in enumerate(zip(ORGANS, COLORS)):
+        visible = alpha = 0 if organ_id == 0 else 1
+        text = "Clear Label" if organ_id == 0 else DISPLAY_NAMES[organ_id]
+        itk_lines.append(f"{organ_id:>5} {red:>5} {green:>4} {blue:>4} {alpha:>8} "
+                         f"{visible:>2} {visible:>2}    \"{text}\"")
+        slicer_lines.append(f"{organ_id} {name} {red} {green} {blue} {255 if organ_id else 0}")
+    texts = {ITKSNAP_FILE: "\n".join(itk_lines) + "\n", SLICER_FILE: "\n".join(slicer_lines) + "\n"}
+    if isinstance(out_dir, OutputFolder):  # the same every run: replaced by design
+        return [out_dir.write_text(name, text, replace=True) for name, text in texts.items()]
+    return [write_text(Path(out_dir) / name, text) for name, text in texts.items()]  # write_text makes the folder
+

@@ -24,3 +24,12 @@ class UserError(ValueError):
         if about is not None and str(about) not in message:
             message = f"{about}: {message}"
         super().__init__(message)
+
+
+def one_line_reason(err: BaseException) -> str:
+    """One line for a failed case: a UserError's or OSError's own message, else ``Type: message``
+    (``MemoryError``, ``TypeError: ...``: not the user's mistake, so the type is shown)."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    if isinstance(err, (UserError, OSError)) and text:
+        return text
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
