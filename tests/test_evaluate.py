@@ -117,28 +117,29 @@ def test_evaluate_folders_writes_outputs(tmp_path):
     pred, gt = _case_volumes()
     _write(gt_dir / "Case_00001.nii.gz", gt)
     _write(pred_dir / "Case_00001.nii.gz", pred)
-    _write(gt_dir / "Case_00002.nii.gz", gt)  # no prediction
+    _write(gt_dir / "Case_00002.nii.gz", gt)  # no prediction: scored as a complete miss
     _write(gt_dir / "Case_00003.nii.gz", gt)
     _write(pred_dir / "Case_00003.nii.gz", pred[:, :, :5])  # wrong grid: fails, the rest runs
 
-    summary = evaluate.evaluate_folders(pred_dir, gt_dir, "abdomenct1k", out_dir, progress=False)
+    summary = evaluate.evaluate_folders(pred_dir, gt_dir, "abdomenct1k", out_dir, progress=False,
+                                        missing_as_miss=True)
 
-    assert {p.name for p in out_dir.iterdir()} == {"metrics.csv", "summary.json", "dice_per_organ.png", "report.html"}
+    assert {p.name for p in out_dir.iterdir() if not p.name.startswith(".abdoseg")} == {"metrics.csv", "summary.json", "dice_per_organ.png", "report.html"}
     on_disk = json.loads((out_dir / "summary.json").read_text())
     for key in ("tolerance_mm", "cases", "mean_dice", "dice", "iou", "hd95_mm", "surface_dice",
                 "false_positive_ml", "slice_dice", "missing_predictions", "failed"):
         assert key in on_disk, key
-    assert on_disk["cases"] == 1 and on_disk["missing_predictions"] == ["Case_00002"]
+    assert on_disk["cases"] == 2 and on_disk["missing_predictions"] == ["Case_00002"]
     assert [f["case"] for f in on_disk["failed"]] == ["Case_00003"] and "grid" in on_disk["failed"][0]["error"]
-    assert on_disk["dice"]["liver"] == 1.0
-    assert on_disk["dice"]["kidney"] == pytest.approx(2 / 3)  # 2 * 32 / (32 + 64)
+    assert on_disk["dice"]["liver"] == 0.5  # (1 + the miss's 0) / 2
+    assert on_disk["dice"]["kidney"] == pytest.approx((2 / 3) / 2)  # 2 * 32 / (32 + 64), and 0
     assert on_disk["dice"]["bladder"] is None  # not annotated by abdomenct1k: null, not NaN
-    assert on_disk["mean_dice"] == pytest.approx((1 + 2 / 3) / 2)
+    assert on_disk["mean_dice"] == pytest.approx((0.5 + 1 / 3) / 2)
     assert summary["mean_dice"] == pytest.approx(on_disk["mean_dice"])
 
     with open(out_dir / "metrics.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == 11 and rows[0]["case"] == "Case_00001"
+    assert len(rows) == 22 and rows[0]["case"] == "Case_00001" and rows[11]["case"] == "Case_00002"
     assert set(evaluate.CSV_COLUMNS) == set(rows[0])
     bladder = next(r for r in rows if r["organ"] == "bladder")
     assert bladder["annotated"] == "False" and bladder["pred_voxels"] == "1"

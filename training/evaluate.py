@@ -49,6 +49,8 @@ from utils.case_files import match_cases, nifti_files
 from utils.errors import UserError
 from utils.files import write_json, write_text
 from utils.labels import NUM_CLASSES, ORGANS, get_source
+from utils.option_checks import check_positive
+from utils.output_folder import claim_output_folder
 from utils.metrics import dice_iou_3d, false_positive_volume_ml, hd95_mm, surface_dice
 from utils.volume_io import load_ct, load_mask
 
@@ -136,8 +138,11 @@ def slice_level_dice(pred: np.ndarray, gt: np.ndarray, annotated) -> dict[str, f
     return result
 
 
+OUTPUT_FILES = ("metrics.csv", "summary.json", "dice_per_organ.png", "report.html")
+
+
 def evaluate_folders(pred_dir, gt_dir, source: str, out_dir, label_map=None, tolerance_mm: float = 2.0,
-                     progress: bool = True) -> dict:
+                     progress: bool = True, missing_as_miss: bool = False, overwrite: bool = False) -> dict:
     """Score every ground-truth case in ``gt_dir`` against its prediction in ``pred_dir``.
 
     Args:
@@ -147,8 +152,16 @@ def evaluate_folders(pred_dir, gt_dir, source: str, out_dir, label_map=None, tol
             which organs are scored.
         out_dir: where ``metrics.csv``, ``summary.json`` and ``dice_per_organ.png`` go.
         label_map: label-map JSON for ``pku`` / ``nnunet`` sources.
-        tolerance_mm: surface Dice tolerance.
+        tolerance_mm: surface Dice tolerance (a positive number of mm).
         progress: show a progress bar.
+        missing_as_miss: score a ground-truth case without a prediction as a complete miss (an
+            empty prediction: Dice 0 for every organ present, HD95 NaN); without it such a case
+            is a UserError naming the cases, raised before anything is written.
+        overwrite: replace files an earlier ``evaluate`` run wrote in `out_dir` (claimed with
+            ``utils.output_folder``: never an input folder, never over a user's file).
+
+    Every ground-truth case counts: scored, scored as a miss, or listed under ``failed`` (any
+    error in one case is caught there and the rest completes).
 
     Returns:
         The summary (also written to ``summary.json``): ``tolerance_mm``, ``source``, ``cases``
@@ -156,23 +169,33 @@ def evaluate_folders(pred_dir, gt_dir, source: str, out_dir, label_map=None, tol
         ``hd95_mm``, ``surface_dice``, ``false_positive_ml``, ``slice_dice``,
         ``missing_predictions`` (case ids) and ``failed`` (``[{"case", "error"}]``).
     """
+    check_positive(tolerance_mm, "tolerance_mm")
     label_source = get_source(source, label_map)
     pairs, missing = _pair_cases(pred_dir, gt_dir)
+    if missing and not missing_as_miss:
+        shown = ", ".join(sorted(missing)[:5]) + (" ..." if len(missing) > 5 else "")
+        raise UserError(f"{len(missing)} ground-truth case(s) have no prediction in {pred_dir} ({shown}); "
+                        "predict them, or pass --missing-as-miss to score them as complete misses", gt_dir)
+    out = claim_output_folder(out_dir, "evaluate", inputs=[pred_dir, gt_dir], overwrite=overwrite)
+    for name in OUTPUT_FILES:
+        out.prepare(name)  # checked and recorded before anything is scored
+    todo = [*pairs, *[(case, None, gt_path) for case, gt_path in sorted(missing.items())]]
     rows, failed, scored = [], [], []
-    for case, pred_path, gt_path in tqdm(pairs, desc="evaluate", disable=not progress):
-        try:
+    for case, pred_path, gt_path in tqdm(todo, desc="evaluate", disable=not progress):
+        try:  # the per-case guard: any error (a bug, out of memory too) fails this case only
             pred, gt, spacing = _load_case(pred_path, gt_path, label_source)
             case_rows = evaluate_case(pred, gt, spacing, label_source.annotated, tolerance_mm)
             slice_dice = slice_level_dice(pred, gt, label_source.annotated)
-        except (ValueError, OSError) as err:  # NiftiError and LabelMapError are ValueErrors
-            failed.append({"case": case, "error": str(err)})
+        except Exception as err:  # noqa: BLE001
+            failed.append({"case": case, "error": _reason(err)})
             continue
         rows += [{"case": case, **row, "slice_dice": slice_dice[row["organ"]]} for row in case_rows]
         scored.append(case)
     summary = {"source": source, **summarize(rows, tolerance_mm), "case_ids": scored,
-               "missing_predictions": missing, "failed": failed}
-    write_outputs(rows, summary, out_dir)
-    write_report(out_dir, rows, summary, pairs, label_source)
+               "missing_predictions": sorted(missing), "failed": failed}
+    write_outputs(rows, summary, out.path)
+    write_report(out.path, rows, summary, pairs, label_source)
+    out.close()
     return summary
 
 
@@ -230,7 +253,7 @@ def boldness_report(pred_dir, gt_dir, trained_by: dict[int, str], source: str = 
     label_source = get_source(source, label_map)
     pairs, missing = _pair_cases(pred_dir, gt_dir)
     if missing:
-        warnings.warn(f"boldness_report: no prediction for {len(missing)} cases: {missing[:10]}", UserWarning,
+        warnings.warn(f"boldness_report: no prediction for {len(missing)} cases: {sorted(missing)[:10]}", UserWarning,
                       stacklevel=2)
     organs = sorted(label_source.annotated)
     totals = {organ: np.zeros(4) for organ in organs}  # cases, predicted ml, true ml, missed ml
@@ -256,20 +279,36 @@ def boldness_report(pred_dir, gt_dir, trained_by: dict[int, str], source: str = 
 # ----------------------------------------------------------------------------- files
 
 
-def _pair_cases(pred_dir, gt_dir) -> tuple[list[tuple[str, Path, Path]], list[str]]:
-    """``[(case, prediction, ground truth)]`` for ground-truth cases with a prediction, and the
-    case ids without one. Predictions named after their CT (``CASE_0000.nii.gz``) pair too."""
+def _pair_cases(pred_dir, gt_dir) -> tuple[list[tuple[str, Path, Path]], dict[str, Path]]:
+    """``[(case, prediction, ground truth)]`` for ground-truth cases with a prediction, and
+    ``{case: ground truth}`` of those without one. Predictions named after their CT (``CASE_0000.nii.gz``) pair too."""
     names = ("predictions", "ground-truth masks")
     nifti_files(gt_dir, names[1])  # the reference: a missing or empty ground truth is reported first
     match = match_cases(pred_dir, gt_dir, names)
     if match.duplicates:
         case, kept, second = match.duplicates[0]
         raise UserError(f"case {case} has two files, {kept.name} and {second.name}", second.parent)
-    return match.pairs, list(match.labels_only)
+    return match.pairs, dict(match.labels_only)
 
 
-def _load_case(pred_path: Path, gt_path: Path, label_source) -> tuple[np.ndarray, np.ndarray, tuple]:
-    """Prediction (our ids), remapped ground truth and spacing, canonical ``(X, Y, Z)``."""
+def _reason(err: BaseException) -> str:
+    """One line: a UserError's or OSError's message, else ``Type: message``."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    if isinstance(err, (UserError, OSError)) and text:
+        return text
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _load_case(pred_path: Path | None, gt_path: Path, label_source) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """Prediction (our ids), remapped ground truth and spacing, canonical ``(X, Y, Z)``.
+
+    Without `pred_path` (a missing prediction scored as a miss) the prediction is all background
+    on the ground truth's grid.
+    """
+    if pred_path is None:
+        reference = load_ct(gt_path, check_intensity=False)
+        return (np.zeros(reference.data.shape, dtype=np.uint8),
+                label_source.remap(np.asarray(reference.data), gt_path), reference.spacing)
     # The prediction is a label map, so no CT intensity check; it sets the reference grid.
     reference = load_ct(pred_path, check_intensity=False)
     pred = reference.data
