@@ -127,7 +127,7 @@ def test_bad_case_is_recorded_and_the_rest_completes(shared_data, tmp_path):
     assert "Case_90003_0000.nii.gz" in errors["Case_90003"] and "\n" not in errors["Case_90003"]
     assert "no mask named Case_90004.nii.gz" in errors["Case_90004"]
     assert "no image named Case_90005_0000.nii.gz" in errors["Case_90005"]
-    assert sorted(p.name for p in out.iterdir()) == ["Case_90002", "manifest.json"]  # no temp dirs
+    assert sorted(p.name for p in out.iterdir()) == [".abdoseg-output.json", "Case_90002", "manifest.json"]  # no temp dirs
 
 
 # --------------------------------------------------------------------------- synthetic files

@@ -22,8 +22,10 @@ from utils.case_files import case_id_from_path, pair_cases
 from utils.geometry import (PreprocessError, PreprocessParams, distance_to_boundary, preprocess_image,
                             preprocess_labels)
 from utils.labels import NUM_CLASSES, ORGANS, LabelSource, get_source
-from utils.preprocessed_folder import (read_case_metas, remove_stale_temporaries, write_case_folder,
-                                       write_manifest)
+from utils.errors import UserError
+from utils.output_folder import claim_output_folder
+from utils.preprocessed_folder import (MANIFEST_FILE, META_FILE, read_case_metas, remove_stale_temporaries,
+                                       write_case_folder, write_manifest)
 from utils.volume_io import Volume, load_ct, load_mask
 
 
@@ -67,11 +69,24 @@ def preprocess_case(case_id: str, image_path, mask_path, source: LabelSource, pa
 
 
 def _run_case(case_id, image_path, mask_path, source, params, out_dir) -> tuple[str, dict | str]:
-    """preprocess_case for a worker: ("ok", entry) or ("failed", one-line error)."""
+    """preprocess_case in its own guard: ("ok", entry) or ("failed", one line naming the file).
+
+    Any exception counts (a TypeError from an odd file, MemoryError, a bug): the case fails,
+    the others still run.
+    """
     try:
         return "ok", preprocess_case(case_id, image_path, mask_path, source, params, out_dir)
-    except ValueError as err:  # NiftiError, LabelMapError, PreprocessError
-        return "failed", str(err)
+    except Exception as err:  # noqa: BLE001 (the per-case guard)
+        return "failed", failure_line(err, image_path)
+
+
+def failure_line(err: BaseException, path) -> str:
+    """One line for a failed case: the message (with `path` when it names no file) and, for an
+    error that is not a UserError or OSError, its type (``MemoryError``, ``TypeError: ...``)."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    if not isinstance(err, (UserError, OSError)) or not text:
+        text = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return text if str(path) in text else f"{path}: {text}"
 
 
 def _init_worker() -> None:
@@ -82,7 +97,7 @@ def _init_worker() -> None:
 
 def preprocess_dataset(source: str, images_dir, masks_dir, out_dir, params: PreprocessParams = PreprocessParams(),
                        label_map=None, workers: int = 1, progress: bool = True,
-                       num_brightness_variations: int = 4) -> dict:
+                       num_brightness_variations: int = 4, overwrite: bool = False) -> dict:
     """Preprocess every image/mask pair of a folder; returns the manifest (also in OUT/manifest.json).
 
     Args:
@@ -92,8 +107,13 @@ def preprocess_dataset(source: str, images_dir, masks_dir, out_dir, params: Prep
         label_map: label-map JSON for ``pku`` / ``nnunet``.
         workers: processes; 1 runs inline.
         num_brightness_variations: recorded as a hint for online augmentation.
+        overwrite: redo every case, replacing the case folders an earlier ``preprocess`` run
+            wrote in `out_dir` (never anything else).
 
-    Cases already in `out_dir` are skipped. A bad case is recorded under ``"failed"`` and the
+    `out_dir` is claimed as a ``preprocess`` output folder (``utils.output_folder``): new, empty
+    or an earlier preprocessing's, never an input folder, inside one or around one; a folder in
+    it that abdoseg did not write is never replaced or deleted. Cases already in `out_dir` are
+    skipped. A bad case is recorded under ``"failed"`` and the
     rest completes; so are images without masks and masks without images.
 
     Raises:
@@ -106,9 +126,14 @@ def preprocess_dataset(source: str, images_dir, masks_dir, out_dir, params: Prep
         images_dir, masks_dir = dataset_dir / "imagesTr", dataset_dir / "labelsTr"
     label_source = get_source(source, label_map)
     pairs, problems = pair_cases(images_dir, masks_dir, error=PreprocessError)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    inputs = [images_dir, *([masks_dir] if masks_dir is not None else []),
+              *([label_map] if isinstance(label_map, (str, Path)) else [])]
+    out = claim_output_folder(out_dir, "preprocess", inputs=inputs, overwrite=overwrite)
+    out_dir = out.path
     remove_stale_temporaries(out_dir)
+    if overwrite:  # redo everything: drop the case folders abdoseg wrote (UserError if one holds a user's file)
+        for meta_path in sorted(out_dir.glob(f"*/{META_FILE}")):
+            out.remove(meta_path.parent.name)
     existing = read_case_metas(out_dir, params)
     failed = [{"case_id": _problem_case(p), "error": p} for p in problems]
     todo = []
@@ -119,10 +144,14 @@ def preprocess_dataset(source: str, images_dir, masks_dir, out_dir, params: Prep
         elif done["image_file"] != str(image.absolute()):
             failed.append({"case_id": case_id, "error": f"{image}: case id {case_id} is already in {out_dir} "
                                                         f"from {done['image_file']}; skipped"})
-    for case_id, status, result in _run_all(todo, label_source, params, out_dir, workers, progress):
+    for case_id, status, result in _run_all(todo, label_source, params, out, workers, progress):
         if status == "failed":
             failed.append({"case_id": case_id, "error": result})
-    return write_manifest(out_dir, params, failed, num_brightness_variations)
+    out.close()
+    out.prepare(MANIFEST_FILE, replace=True)  # rebuilt by design on every run
+    manifest = write_manifest(out_dir, params, failed, num_brightness_variations)
+    out.close()
+    return manifest
 
 
 def _run_all(todo, source, params, out_dir, workers, progress):
@@ -141,7 +170,11 @@ def _run_all(todo, source, params, out_dir, workers, progress):
             futures = {pool.submit(_run_case, case_id, image, mask, source, params, out_dir): case_id
                        for case_id, image, mask in todo}
             for future in concurrent.futures.as_completed(futures):
-                yield (futures[future], *future.result())
+                try:
+                    outcome = future.result()
+                except Exception as err:  # noqa: BLE001 (a worker killed: out of memory, a crash)
+                    outcome = ("failed", failure_line(err, futures[future]))
+                yield (futures[future], *outcome)
                 bar.update()
     finally:
         bar.close()

@@ -26,6 +26,7 @@ import numpy as np
 from utils.errors import UserError
 from utils.files import TEMPORARY_PREFIX, read_json, temporary_name, write_json
 from utils.geometry import PreprocessError, PreprocessParams
+from utils.output_folder import OutputFolder
 
 MANIFEST_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -36,9 +37,17 @@ def write_case_folder(out_dir, case_id: str, arrays: dict[str, np.ndarray], meta
     """Write ``out_dir/<case_id>/`` with ``<name>.npy`` per array and ``meta.json``, all at once.
 
     The folder is built under a hidden temporary name and renamed, so it appears complete or
-    not at all. A folder of that name without ``meta.json`` (never a finished case) is replaced.
-    Returns the case folder.
+    not at all. With an :class:`~utils.output_folder.OutputFolder` (what preprocessing passes),
+    a folder of that name is replaced only if abdoseg wrote all of it (and the output folder
+    allows it); a user's folder is never touched (UserError). With a plain path, a folder of that
+    name without ``meta.json`` (never a finished case) is replaced. Returns the case folder.
     """
+    if isinstance(out_dir, OutputFolder):
+        with out_dir.atomic_folder(case_id) as temporary:
+            for name, array in arrays.items():
+                np.save(temporary / f"{name}.npy", array)
+            write_json(temporary / META_FILE, meta, indent=1)
+        return out_dir.path / case_id
     out_dir = Path(out_dir)
     temporary = temporary_name(out_dir / case_id)
     final = out_dir / case_id
