@@ -12,6 +12,9 @@ Every file is written atomically (``utils.files``), so a kill leaves the old fil
 from __future__ import annotations
 
 import csv
+import fcntl
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -20,7 +23,8 @@ from tqdm.auto import tqdm
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.config import TrainConfig
 from utils.errors import UserError
-from utils.files import atomic_path, write_json
+from utils.files import atomic_path
+from utils.output_folder import OutputFolder, claim_output_folder
 
 RUN_FILES = ("log.csv", "curves.png", "config.json", "checkpoints/last.pt", "checkpoints/best.pt")
 
@@ -29,25 +33,84 @@ class RunFolderError(UserError):
     """The output folder cannot be used as asked (holds another run, or cannot be written)."""
 
 
-def prepare_run_folder(out_dir: Path, cfg: TrainConfig, resume: bool, overwrite: bool) -> None:
-    """Refuse to mix two runs in one folder unless asked to resume or overwrite; write config.json."""
-    out_dir = Path(out_dir)
-    last = out_dir / "checkpoints" / "last.pt"
-    if resume:
-        if not last.exists():
-            raise RunFolderError(f"{out_dir}: nothing to resume (no checkpoints/last.pt)")
-        return
-    if (out_dir / "config.json").exists() or last.exists():
-        if not overwrite:
-            raise RunFolderError(f"{out_dir}: already holds a run; use --resume to continue it "
-                                 "or --overwrite to replace it")
-        for name in RUN_FILES:  # only the files a run writes, never anything else in the folder
-            (out_dir / name).unlink(missing_ok=True)
+LOCK_FILE = ".abdoseg-run.lock"
+# Config fields a resumed run may change: how and where it runs, and how long; not what it learns.
+RESUME_MAY_CHANGE = frozenset({"epochs", "num_workers", "device", "wandb", "wandb_project", "compile", "resident",
+                               "cpu_keep_freed_memory", "channels_last", "checkpointing", "sync_batchnorm"})
+
+
+def prepare_run_folder(out_dir: Path, cfg: TrainConfig, resume: bool, overwrite: bool, inputs=()):
+    """Claim and lock the run folder, refuse to mix two runs in it, write config.json.
+
+    The folder is claimed as a ``train`` output (``utils.output_folder``: new, empty or a run's;
+    never one of `inputs`, inside one or around one) and locked (``fcntl``) until the returned
+    file is closed, so a second run into it is refused with one line. With `overwrite`, only the
+    files a run writes are removed (``RUN_FILES``), never anything else.
+
+    Returns:
+        The open lock file: close it (``with``) when the run is done.
+    """
+    out = claim_output_folder(out_dir, "train", inputs=inputs, overwrite=overwrite)
+    lock = lock_run_folder(out)
     try:
-        (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        write_json(out_dir / "config.json", cfg.to_dict())
-    except OSError as err:
-        raise RunFolderError(f"{out_dir}: cannot write there ({err.strerror})") from None
+        last = out.path / "checkpoints" / "last.pt"
+        if resume:
+            if not last.exists():
+                raise RunFolderError(f"{out_dir}: nothing to resume (no checkpoints/last.pt)")
+        elif (out.path / "config.json").exists() or last.exists():
+            if not overwrite:
+                raise RunFolderError(f"{out_dir}: already holds a run; use --resume to continue it "
+                                     "or --overwrite to replace it")
+            for name in RUN_FILES:  # only the files a run writes, never anything else in the folder
+                out.remove(name)
+        for name in RUN_FILES:  # recorded before they are written; a user's file in the way is refused here
+            out.prepare(name, replace=True)
+        if not resume:
+            out.write_json("config.json", cfg.to_dict(), replace=True)
+        out.close()
+    except BaseException:
+        lock.close()
+        raise
+    return lock
+
+
+def lock_run_folder(out: OutputFolder):
+    """An exclusive ``fcntl`` lock on ``RUN/.abdoseg-run.lock``; RunFolderError if a run holds it."""
+    path = out.prepare(LOCK_FILE, replace=True)
+    handle = open(path, "a")  # the lock file's content is never read; "a" never truncates
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise RunFolderError(f"{out.path}: another training run is writing to this folder (it holds "
+                             f"{LOCK_FILE}); wait for it or choose another --out") from None
+    return handle
+
+
+def check_resume(state: dict, cfg: TrainConfig, fingerprint: str, out_dir: Path) -> None:
+    """Refuse to resume with another config (beyond ``RESUME_MAY_CHANGE``) or other data.
+
+    Raises:
+        RunFolderError: naming the fields that differ, or saying the data's manifests differ.
+    """
+    before, now = state.get("config", {}), cfg.to_dict()
+    changed = sorted(key for key in before.keys() | now.keys()
+                     if key not in RESUME_MAY_CHANGE and before.get(key) != now.get(key))
+    if changed:
+        shown = ", ".join(f"{key} {before.get(key)!r} -> {now.get(key)!r}" for key in changed[:3])
+        raise RunFolderError(f"{out_dir}: --resume with another config ({shown}); a resumed run may change only "
+                             f"{', '.join(sorted(RESUME_MAY_CHANGE))}; start a new run in another folder")
+    stored = state.get("data_fingerprint")
+    if stored is not None and stored != fingerprint:
+        raise RunFolderError(f"{out_dir}: --resume on other data: the preprocessed cases (their manifests) differ "
+                             "from the ones this run was trained on; pass the same --data folders")
+
+
+def data_fingerprint(cases: list[dict]) -> str:
+    """A hash of what the manifests say about the cases (ids, sources, sizes, params), not where they lie."""
+    keys = ("case_id", "source", "annotated", "num_slices", "params", "voxel_counts")
+    described = sorted(json.dumps({key: case.get(key) for key in keys}, sort_keys=True) for case in cases)
+    return hashlib.sha256("\n".join(described).encode("utf-8")).hexdigest()
 
 
 def load_resume_state(out_dir: Path) -> dict:

@@ -29,12 +29,14 @@ from tqdm.auto import tqdm
 from training.checkpoint import checkpoint_state, restore_training_state, save_checkpoint
 from training.config import TrainConfig
 from training.loaders import build_datasets, data_summary, folder_list, make_loaders
-from training.run_folder import load_resume_state, prepare_run_folder, report_epoch, start_wandb, write_log
+from training.run_folder import (check_resume, data_fingerprint, load_resume_state, prepare_run_folder, report_epoch,
+                                 start_wandb, write_log)
 from training.runtime import (Runtime, broadcast_buffers, finish_runtime, graceful_interrupts, main_process_first,
                               make_grad_scaler, prepare_model, reduce_mean, restored_process_settings,
                               setup_runtime, stop_requested, wrap_model)
 from utils.augment import augment_batch
 from utils.dataset import batch_to_device, load_cases
+from utils.errors import UserError
 from utils.labels import ORGANS
 from utils.losses import build_loss
 from utils.metrics import SliceMetrics
@@ -172,32 +174,50 @@ def fit(cfg: TrainConfig, data_dirs, out_dir, resume: bool = False, overwrite: b
                 dist.destroy_process_group()
 
 
+class TrainingDiverged(UserError):
+    """The loss or the weights became NaN or infinite; the run stopped without saving them."""
+
+
 def fit_in_runtime(cfg: TrainConfig, data_dirs, out_dir, rt: Runtime, resume: bool = False,
                    overwrite: bool = False, progress: bool = True) -> dict:
-    """`fit` on a runtime already set up: this process's part of the run."""
-    out_dir = Path(out_dir)
-    data_dirs = folder_list(data_dirs)
-    cases = load_cases(data_dirs)  # read the manifests once
-    params, trained_by = data_summary(cases, data_dirs)
-    wandb_run = None
-    with main_process_first(rt):
-        if rt.is_main:
-            prepare_run_folder(out_dir, cfg, resume, overwrite)
-            wandb_run = start_wandb(cfg, out_dir)
+    """`fit` on a runtime already set up: this process's part of the run.
+
+    The run folder is locked while this runs (rank 0; ``training.run_folder``).
+    """
+    with contextlib.ExitStack() as stack:
+        out_dir = Path(out_dir)
+        data_dirs = folder_list(data_dirs)
+        cases = load_cases(data_dirs)  # read the manifests once
+        params, trained_by = data_summary(cases, data_dirs)
+        fingerprint = data_fingerprint(cases)
+        wandb_run = None
+        with main_process_first(rt):
+            if rt.is_main:
+                stack.enter_context(prepare_run_folder(out_dir, cfg, resume, overwrite, inputs=data_dirs))
+                wandb_run = start_wandb(cfg, out_dir)
+        state = load_resume_state(out_dir) if resume else None
+        if state is not None:
+            check_resume(state, cfg, fingerprint, out_dir)
+        return _train_epochs(cfg, cases, params, trained_by, fingerprint, out_dir, rt, state, wandb_run, progress)
+
+
+def _train_epochs(cfg: TrainConfig, cases, params, trained_by, fingerprint: str, out_dir: Path, rt: Runtime,
+                  state: dict | None, wandb_run, progress: bool) -> dict:
+    """The epoch loop of :func:`fit_in_runtime` (`state`: the checkpoint to resume from, or None)."""
     model = prepare_model(cfg, rt)
     optimizer, scaler = build_optimizer(cfg, model), make_grad_scaler(rt.device, rt.amp_dtype)
     scheduler, loss_fn = build_scheduler(cfg, optimizer), loss_from_config(cfg)
     epoch, step_in_epoch, best, history = 0, 0, -1.0, []
-    if resume:
-        epoch, step_in_epoch, best, history = restore_training_state(
-            load_resume_state(out_dir), model, optimizer, scheduler, scaler)
+    if state is not None:
+        epoch, step_in_epoch, best, history = restore_training_state(state, model, optimizer, scheduler, scaler)
     train_set, val_set = build_datasets(cfg, cases)
     wrapped = wrap_model(model, cfg, rt)
 
     def save(name: str, epoch_done: int, step: int) -> None:
         if rt.is_main:
-            save_checkpoint(checkpoint_state(model, optimizer, scheduler, scaler, cfg, params, trained_by,
-                                             epoch_done, step, best, history), out_dir / "checkpoints" / name)
+            save_checkpoint({**checkpoint_state(model, optimizer, scheduler, scaler, cfg, params, trained_by,
+                                                epoch_done, step, best, history), "data_fingerprint": fingerprint},
+                            out_dir / "checkpoints" / name)
 
     with graceful_interrupts():
         while epoch < cfg.epochs:
@@ -206,10 +226,12 @@ def fit_in_runtime(cfg: TrainConfig, data_dirs, out_dir, rt: Runtime, resume: bo
                 train_row = train_one_epoch(wrapped, train_loader, loss_fn, optimizer, scaler, cfg, rt,
                                             epoch, step_in_epoch, progress)
             except KeyboardInterrupt as interrupt:
-                save("last.pt", epoch, getattr(interrupt, "step", step_in_epoch))
-                if rt.is_main:
-                    print(f"\ninterrupted: saved {out_dir / 'checkpoints' / 'last.pt'}; continue with --resume")
+                if weights_finite(model):  # never NaN weights over the last good checkpoint
+                    save("last.pt", epoch, getattr(interrupt, "step", step_in_epoch))
+                    if rt.is_main:
+                        print(f"\ninterrupted: saved {out_dir / 'checkpoints' / 'last.pt'}; continue with --resume")
                 raise
+            check_finite(train_row["train_loss"], model, epoch, out_dir)  # once per epoch: off the hot path
             broadcast_buffers(model, rt)
             row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **train_row,
                    **validate(wrapped, val_loader, loss_fn, cfg, rt)}
@@ -217,10 +239,10 @@ def fit_in_runtime(cfg: TrainConfig, data_dirs, out_dir, rt: Runtime, resume: bo
             scheduler.step()
             epoch, step_in_epoch = epoch + 1, 0
             history.append(row)
-            improved = not math.isnan(row["val_mean_dice"]) and row["val_mean_dice"] > best
+            improved = math.isfinite(row["val_mean_dice"]) and row["val_mean_dice"] > best
             best = max(best, row["val_mean_dice"]) if improved else best
             save("last.pt", epoch, 0)
-            if improved:
+            if improved:  # best.pt only when a finite validation Dice chose it
                 save("best.pt", epoch, 0)
             if rt.is_main:
                 write_log(out_dir, history)
@@ -228,3 +250,21 @@ def fit_in_runtime(cfg: TrainConfig, data_dirs, out_dir, rt: Runtime, resume: bo
     if wandb_run is not None:
         wandb_run.finish()
     return {**(history[-1] if history else {}), "out_dir": str(out_dir)}
+
+
+def weights_finite(model: torch.nn.Module) -> bool:
+    """Whether every parameter and buffer of `model` is finite (one pass, once per epoch)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return all(bool(torch.isfinite(tensor).all()) for tensor in tensors if tensor.is_floating_point())
+
+
+def check_finite(train_loss: float, model: torch.nn.Module, epoch: int, out_dir: Path) -> None:
+    """Raise TrainingDiverged when the epoch's loss or the weights are not finite; nothing is saved."""
+    if math.isfinite(train_loss) and weights_finite(model):
+        return
+    last = Path(out_dir) / "checkpoints" / "last.pt"
+    kept = (f"{last} still holds the last good weights (epoch {epoch})" if epoch > 0 and last.exists()
+            else "no checkpoint was saved")
+    what = f"the training loss became {train_loss}" if not math.isfinite(train_loss) else "the weights became NaN/inf"
+    raise TrainingDiverged(f"{what} in epoch {epoch + 1}; training stopped and these weights were not saved; "
+                           f"{kept}. Try a lower lr, grad_clip=1 or amp=off")
