@@ -22,7 +22,7 @@ from utils.phantom import PHANTOM_SEEDS, write_phantom_dataset
 from utils.preprocess_data import PreprocessParams, preprocess_dataset
 from utils.volume_io import load_ct, load_mask
 from utils.case_files import case_id_from_path, nifti_files
-from utils.files import write_json
+from utils.output_folder import claim_output_folder
 
 # Settings of the demo itself; the model's are in TRAIN below. `--set key=value` changes either.
 DEMO = {
@@ -63,29 +63,43 @@ def timed(seconds: dict, stage: str):
     print(f"[{stage}] done in {seconds[stage]:.1f} s", flush=True)
 
 
-def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, overrides: dict | None = None) -> dict:
-    """Run phantom -> preprocess -> train -> predict -> evaluate; returns the summary dict."""
-    out = Path(out_dir)
+def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, overrides: dict | None = None,
+             overwrite: bool = False) -> dict:
+    """Run phantom -> preprocess -> train -> predict -> evaluate; returns the summary dict.
+
+    `out_dir` is claimed as a ``demo`` output folder (``utils.output_folder``), each step's
+    folder inside it by that step; rerunning into it needs `overwrite` (finished phantom cases
+    with the same settings are kept).
+    """
     demo, cfg = demo_settings(quick, overrides)
+    folder = claim_output_folder(out_dir, "demo", overwrite=overwrite)
+    for name in ("summary.json", "example_slices.png"):
+        folder.prepare(name)  # refused now, not after training, when an earlier demo is there
+    out = folder.path
     seconds: dict[str, float] = {}
     raw, pre = out / "raw", out / "preprocessed"
     params = PreprocessParams(target_size=(demo["target_size"],) * 2)
     shape = {"size": demo["phantom_size"], "num_slices": demo["phantom_slices"], "workers": demo["workers"]}
     with timed(seconds, "phantom"):
         for source in ("pku", "abdomenct1k"):
-            write_phantom_dataset(raw / source, demo["cases_per_source"], source, PHANTOM_SEEDS[source], **shape)
-        write_phantom_dataset(raw / "heldout", demo["heldout_cases"], "full", PHANTOM_SEEDS["full"], **shape)
+            write_phantom_dataset(raw / source, demo["cases_per_source"], source, PHANTOM_SEEDS[source], **shape,
+                                  overwrite=overwrite)
+        write_phantom_dataset(raw / "heldout", demo["heldout_cases"], "full", PHANTOM_SEEDS["full"], **shape,
+                              overwrite=overwrite)
     with timed(seconds, "preprocess"):
         for source in ("pku", "abdomenct1k"):
             preprocess_dataset(source, raw / source / "Image", raw / source / "Mask", pre / source, params,
-                               label_map=EXAMPLE_PKU_MAP if source == "pku" else None, workers=demo["workers"])
+                               label_map=EXAMPLE_PKU_MAP if source == "pku" else None, workers=demo["workers"],
+                               overwrite=overwrite)
     with timed(seconds, "train"):
-        fit(cfg, [pre / "pku", pre / "abdomenct1k"], out / "run", overwrite=True)
+        fit(cfg, [pre / "pku", pre / "abdomenct1k"], out / "run", overwrite=overwrite)
     with timed(seconds, "predict"):
-        predict_files(out / "run" / "checkpoints" / "best.pt", raw / "heldout" / "Image",
-                      out / "predictions", device=cfg.device)
+        best = out / "run" / "checkpoints" / "best.pt"
+        predict_files(best if best.exists() else best.with_name("last.pt"), raw / "heldout" / "Image",
+                      out / "predictions", device=cfg.device, overwrite=overwrite)
     with timed(seconds, "evaluate"):
-        metrics = evaluate_folders(out / "predictions", raw / "heldout" / "Mask", "full", out / "evaluation")
+        metrics = evaluate_folders(out / "predictions", raw / "heldout" / "Mask", "full", out / "evaluation",
+                                   overwrite=overwrite)
     with timed(seconds, "pictures"):
         picture = draw_example(raw / "heldout", out / "predictions", out / "example_slices.png")
     summary = {
@@ -95,7 +109,8 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, overrides: 
         "seconds": {**seconds, "total": round(sum(seconds.values()), 1)},
         "settings": {**demo, "train": cfg.to_dict()},
     }
-    write_json(out / "summary.json", summary)  # strict JSON: a NaN Dice is null
+    folder.write_json("summary.json", summary)  # strict JSON: a NaN Dice is null
+    folder.close()
     print_outputs(out, summary, picture)
     return summary
 
