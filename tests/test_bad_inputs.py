@@ -101,7 +101,8 @@ def failed_lines(code: int, err: str) -> list[str]:
 
 def assert_no_temporaries(folder: Path) -> None:
     if folder.exists():
-        leftovers = [p for p in folder.rglob("*") if p.name.startswith(".") or ".tmp" in p.name]
+        kept = (".abdoseg-output.json", ".abdoseg-run.lock")  # the output marker and a run folder's lock file
+        leftovers = [p for p in folder.rglob("*") if (p.name.startswith(".") or ".tmp" in p.name) and p.name not in kept]
         assert not leftovers, leftovers
 
 

@@ -21,7 +21,8 @@ from training.sync_batchnorm import CPUSyncBatchNorm, convert_sync_batchnorm
 pytestmark = pytest.mark.slow  # torchrun subprocesses
 
 REPO = Path(__file__).resolve().parents[1]
-RUN_FILES = {"config.json", "log.csv", "curves.png", "checkpoints/last.pt", "checkpoints/best.pt"}
+RUN_FILES = {"config.json", "log.csv", "curves.png", "checkpoints/last.pt", "checkpoints/best.pt",
+             ".abdoseg-output.json", ".abdoseg-run.lock"}  # the output marker and the run's lock file
 # Global batch 4 (2 per process), 4 steps of which every second one syncs (accumulation under
 # no_sync), SGD, uniform class weights (see test_two_processes_train_like_one). 5 validation
 # slices split 3 / 2, so the processes hold different numbers of validation batches.
