@@ -129,4 +129,5 @@ def test_missing_as_miss_scores_a_complete_miss_in_strict_json(folders, capsys):
     summary = json.loads((folders / "eval" / "summary.json").read_text(), parse_constant=no_constants)
     assert summary["cases"] == 2 and summary["dice"]["liver"] == 0.5  # (1 + 0) / 2, not 1 over one case
     assert summary["missing_predictions"] == ["Case_00002"] and summary["hd95_mm"]["liver"] == 0.0
+    assert summary["hd95_missed"]["liver"] == 1  # the miss has no HD95; the count says one case is left out
     assert summary["dice"]["spleen"] is None  # absent organ: null, never NaN

@@ -200,13 +200,21 @@ def evaluate_folders(pred_dir, gt_dir, source: str, out_dir, label_map=None, tol
 
 
 def summarize(rows: list[dict], tolerance_mm: float) -> dict:
-    """Per-organ NaN-means over cases of the annotated rows, and the mean over organs of Dice."""
+    """Per-organ NaN-means over cases of the annotated rows, and the mean over organs of Dice.
+
+    ``hd95_missed`` counts, per organ, the cases where the organ is present but was not
+    predicted at all: their HD95 is undefined (NaN), so the ``hd95_mm`` mean leaves them out and
+    this count says how many it left out (their Dice, 0, is in the Dice mean).
+    """
     per_organ = {metric: {ORGANS[organ]: _nanmean([row[metric] for row in rows
                                                    if row["organ_id"] == organ and row["annotated"]])
                           for organ in ORGAN_RANGE}
                  for metric in SUMMARY_METRICS}
+    missed = {ORGANS[organ]: sum(1 for row in rows if row["organ_id"] == organ and row["annotated"]
+                                 and not _is_nan(row["gt_voxels"]) and row["gt_voxels"] > 0 and row["pred_voxels"] == 0)
+              for organ in ORGAN_RANGE}
     return {"tolerance_mm": tolerance_mm, "cases": len({row["case"] for row in rows}),
-            "mean_dice": _nanmean(list(per_organ["dice"].values())), **per_organ}
+            "mean_dice": _nanmean(list(per_organ["dice"].values())), **per_organ, "hd95_missed": missed}
 
 
 def write_outputs(rows: list[dict], summary: dict, out_dir) -> None:
