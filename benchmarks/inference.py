@@ -103,7 +103,8 @@ def peak_rss_mb() -> float:
 
 def ours(checkpoint: Path, ct: Path, out: Path, device: str, precision: str = "auto") -> dict:
     started = time.perf_counter()
-    summary = predict_files(checkpoint, ct, out, device=device, progress=False, precision=precision)
+    summary = predict_files(checkpoint, ct, out, device=device, progress=False, precision=precision,
+                            overwrite=True)  # a rerun replaces its own outputs
     if summary["failed"]:
         raise RuntimeError(summary["failed"])
     return {"seconds": time.perf_counter() - started, "precision": summary["precision"]}
@@ -123,7 +124,8 @@ def dice_by_precision(checkpoint: Path, images: Path, masks: Path, out: Path, de
     from training.evaluate import evaluate_folders
     dice = {}
     for precision in ("fp32", "int8"):
-        predict_files(checkpoint, images, out / precision, device=device, progress=False, precision=precision)
+        predict_files(checkpoint, images, out / precision, device=device, progress=False, precision=precision,
+                      overwrite=True)
         dice[precision] = evaluate_folders(out / precision, masks, "full", out / f"eval_{precision}",
                                            progress=False)["mean_dice"]
     return {"dice": dice, "int8_minus_fp32": dice["int8"] - dice["fp32"]}
