@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -128,7 +129,9 @@ PARTIAL_LABEL_PRESETS = {
 
 def check_ranges(cfg: TrainConfig) -> None:
     """Raise ConfigError naming the first field of `cfg` out of its range (types already checked)."""
-    rules = [
+    infinite = [f.name for f in fields(cfg) if any(isinstance(v, float) and not math.isfinite(v)
+                                                   for v in _numbers(getattr(cfg, f.name)))]
+    rules = [(name, False, "finite (not inf or nan)") for name in infinite] + [
         ("features", all(width > 0 for width in cfg.features)
          and all(a <= b for a, b in zip(cfg.features, cfg.features[1:])), "positive and non-decreasing"),
         ("in_channels", cfg.in_channels >= 1 and cfg.in_channels % 2 == 1, "odd and >= 1"),
@@ -168,6 +171,11 @@ def check_augment(values: dict) -> None:
         ("noise_std", get("noise_std", 0.0) >= 0, ">= 0"),
     ]
     _raise_first(rules, lambda key: settings.get(key), prefix="augment.")
+
+
+def _numbers(value) -> tuple:
+    """A field's numbers: the value itself, or the items of a tuple field (features, class_weights)."""
+    return tuple(value) if isinstance(value, tuple) else (value,)
 
 
 def _raise_first(rules: list, value_of, prefix: str = "") -> None:

@@ -39,8 +39,8 @@ def write_case_folder(out_dir, case_id: str, arrays: dict[str, np.ndarray], meta
     The folder is built under a hidden temporary name and renamed, so it appears complete or
     not at all. With an :class:`~utils.output_folder.OutputFolder` (what preprocessing passes),
     a folder of that name is replaced only if abdoseg wrote all of it (and the output folder
-    allows it); a user's folder is never touched (UserError). With a plain path, a folder of that
-    name without ``meta.json`` (never a finished case) is replaced. Returns the case folder.
+    allows it); a user's folder is never touched (UserError). With a plain path, an existing
+    folder of that name is refused (PreprocessError), never deleted. Returns the case folder.
     """
     if isinstance(out_dir, OutputFolder):
         with out_dir.atomic_folder(case_id) as temporary:
@@ -56,8 +56,8 @@ def write_case_folder(out_dir, case_id: str, arrays: dict[str, np.ndarray], meta
         for name, array in arrays.items():
             np.save(temporary / f"{name}.npy", array)
         write_json(temporary / META_FILE, meta, indent=1)
-        if final.exists():  # a folder without meta.json: leftover of something else
-            shutil.rmtree(final)
+        if os.path.lexists(final):  # never deleted here: it may be a user's folder
+            raise PreprocessError(f"{final}: already exists; abdoseg does not replace a folder it has no record of")
         os.replace(temporary, final)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
