@@ -92,9 +92,9 @@ def test_resume_with_another_config_or_other_data_is_refused(tiny_data, tmp_path
 
 
 def test_a_second_run_into_a_locked_run_folder_is_refused(tiny_data, tmp_path):
-    with lock_run_folder(claim_output_folder(tmp_path / "run", "train")):
-        with pytest.raises(RunFolderError, match="another training run is writing"):
-            fit(TINY, tiny_data, tmp_path / "run", progress=False)
+    with lock_run_folder(claim_output_folder(tmp_path / "run", "train")), \
+            pytest.raises(RunFolderError, match="another training run is writing"):
+        fit(TINY, tiny_data, tmp_path / "run", progress=False)
     fit(TINY, tiny_data, tmp_path / "run", progress=False)  # free again once the first one ends
 
 

@@ -46,12 +46,12 @@ from tqdm.auto import tqdm
 from training.report import write_report
 from training.visualization import dice_bar_chart, save_figure
 from utils.case_files import match_cases, nifti_files
-from utils.errors import UserError
+from utils.errors import UserError, one_line_reason
 from utils.files import write_json, write_text
 from utils.labels import NUM_CLASSES, ORGANS, get_source
+from utils.metrics import dice_iou_3d, false_positive_volume_ml, hd95_mm, surface_dice
 from utils.option_checks import check_positive
 from utils.output_folder import claim_output_folder
-from utils.metrics import dice_iou_3d, false_positive_volume_ml, hd95_mm, surface_dice
 from utils.volume_io import load_ct, load_mask
 
 ORGAN_RANGE = range(1, NUM_CLASSES)
@@ -187,7 +187,7 @@ def evaluate_folders(pred_dir, gt_dir, source: str, out_dir, label_map=None, tol
             case_rows = evaluate_case(pred, gt, spacing, label_source.annotated, tolerance_mm)
             slice_dice = slice_level_dice(pred, gt, label_source.annotated)
         except Exception as err:  # noqa: BLE001
-            failed.append({"case": case, "error": _reason(err)})
+            failed.append({"case": case, "error": one_line_reason(err)})
             continue
         rows += [{"case": case, **row, "slice_dice": slice_dice[row["organ"]]} for row in case_rows]
         scored.append(case)
@@ -297,14 +297,6 @@ def _pair_cases(pred_dir, gt_dir) -> tuple[list[tuple[str, Path, Path]], dict[st
         case, kept, second = match.duplicates[0]
         raise UserError(f"case {case} has two files, {kept.name} and {second.name}", second.parent)
     return match.pairs, dict(match.labels_only)
-
-
-def _reason(err: BaseException) -> str:
-    """One line: a UserError's or OSError's message, else ``Type: message``."""
-    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    if isinstance(err, (UserError, OSError)) and text:
-        return text
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def _load_case(pred_path: Path | None, gt_path: Path, label_source) -> tuple[np.ndarray, np.ndarray, tuple]:

@@ -38,7 +38,7 @@ from training.predict_io import (ITKSNAP_FILE, SLICER_FILE, SUFFIXES, case_name,
 from training.quantize import prediction_model
 from training.runtime import autocast_context, select_device
 from utils.errors import UserError, one_line_reason
-from utils.labels import COLORS, DISPLAY_NAMES, NUM_CLASSES, ORGANS, LabelSource, get_source
+from utils.labels import NUM_CLASSES, ORGANS, LabelSource, get_source
 from utils.option_checks import check_positive
 from utils.output_folder import OutputFolder, claim_output_folder
 from utils.geometry import PreprocessParams, preprocess_image, preprocess_labels, restore_in_plane

@@ -77,7 +77,7 @@ def prepare_run_folder(out_dir: Path, cfg: TrainConfig, resume: bool, overwrite:
 def lock_run_folder(out: OutputFolder):
     """An exclusive ``fcntl`` lock on ``RUN/.abdoseg-run.lock``; RunFolderError if a run holds it."""
     path = out.prepare(LOCK_FILE, replace=True)
-    handle = open(path, "a")  # the lock file's content is never read; "a" never truncates
+    handle = open(path, "a")  # noqa: SIM115 (returned: the lock lasts as long as the run); "a" never truncates
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

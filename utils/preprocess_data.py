@@ -22,7 +22,7 @@ from utils.case_files import case_id_from_path, pair_cases
 from utils.geometry import (PreprocessError, PreprocessParams, distance_to_boundary, preprocess_image,
                             preprocess_labels)
 from utils.labels import NUM_CLASSES, ORGANS, LabelSource, get_source
-from utils.errors import UserError
+from utils.errors import one_line_reason
 from utils.output_folder import claim_output_folder
 from utils.preprocessed_folder import (MANIFEST_FILE, META_FILE, read_case_metas, remove_stale_temporaries,
                                        write_case_folder, write_manifest)
@@ -83,9 +83,7 @@ def _run_case(case_id, image_path, mask_path, source, params, out_dir) -> tuple[
 def failure_line(err: BaseException, path) -> str:
     """One line for a failed case: the message (with `path` when it names no file) and, for an
     error that is not a UserError or OSError, its type (``MemoryError``, ``TypeError: ...``)."""
-    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    if not isinstance(err, (UserError, OSError)) or not text:
-        text = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    text = one_line_reason(err)
     return text if str(path) in text else f"{path}: {text}"
 
 

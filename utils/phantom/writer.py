@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from utils.phantom.generate import make_phantom
-from utils.phantom.layouts import check_layout, layout_labels
-from utils.errors import UserError
+from utils.errors import UserError, one_line_reason
 from utils.files import read_json
 from utils.output_folder import OutputFolder, claim_output_folder
+from utils.phantom.generate import make_phantom
+from utils.phantom.layouts import check_layout, layout_labels
 from utils.volume_io import save_volume
 
 # one seed per label layout, so bodies and case ids differ between folders; `make demo` and the
@@ -98,13 +97,8 @@ def _failure(name: str, future) -> list[str]:
     try:
         error = future.result()
     except Exception as err:  # noqa: BLE001 (a worker process died: out of memory, killed)
-        error = _reason(err)
+        error = one_line_reason(err)
     return [f"{name}: {error}"] if error else []
-
-
-def _reason(err: BaseException) -> str:
-    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def _image_name(name: str) -> str:
@@ -129,5 +123,5 @@ def _write_case(job) -> str | None:
         with out.atomic_path(_mask_name(name), replace=True) as temporary:
             save_volume(layout_labels(phantom, layout), phantom.affine, temporary, dtype=np.uint8)
     except Exception as err:  # noqa: BLE001
-        return _reason(err)
+        return one_line_reason(err)
     return None
