@@ -15,6 +15,7 @@ import torch
 import training.__main__ as cli
 import training.evaluate as evaluate_module
 import training.predict as predict_module
+import training.predict_io as predict_io
 import utils.phantom.writer as phantom_writer
 import utils.preprocess_data as preprocess_module
 from network.unet import UNet
@@ -77,7 +78,7 @@ def tiny_checkpoint(path):
 @pytest.mark.parametrize("where", ["read", "predict"])
 def test_predict_one_case_raising_memory_error_fails_alone(raw, tmp_path, monkeypatch, where):
     if where == "read":
-        monkeypatch.setattr(predict_module, "load_ct", failing_for("Case_08001", predict_module.load_ct, MemoryError()))
+        monkeypatch.setattr(predict_io, "load_ct", failing_for("Case_08001", predict_io.load_ct, MemoryError()))
     else:
         original = predict_module.predict_volume
 
