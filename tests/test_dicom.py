@@ -312,7 +312,7 @@ def test_nifti_and_dicom_paths_predict_the_same_labels(real_ct, series, tiny_che
                  "--format", "rtstruct", "dicom-seg", "nifti", "--statistics", "--quiet"])
     assert code == 0
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert names == ["abdoseg_labels.ctbl", "ct_series.nii.gz", "ct_series_rtstruct.dcm", "ct_series_seg.dcm",
+    assert names == [".abdoseg-output.json", "abdoseg_labels.ctbl", "ct_series.nii.gz", "ct_series_rtstruct.dcm", "ct_series_seg.dcm",
                      "ct_series_statistics.json", "labels.txt"]
     nifti_labels = np.asanyarray(nib.as_closest_canonical(nib.load(tmp_path / "single.nii.gz")).dataobj)
     dicom_image = nib.as_closest_canonical(nib.load(tmp_path / "out" / "ct_series.nii.gz"))
