@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml requirements.txt
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/abdoseg demo --out runs/demo
+	$(VENV)/bin/abdoseg demo --out runs/demo --overwrite  # a rerun replaces only what the last demo wrote
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

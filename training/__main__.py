@@ -112,88 +112,102 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars (also: TQDM_DISABLE=1)")
     commands = parser.add_subparsers(dest="command", required=True)
-
-    def add_command(name: str, help_text: str) -> argparse.ArgumentParser:
-        return commands.add_parser(name, help=help_text, description=help_text, parents=[common],
-                                   formatter_class=HelpFormatter)
-
-    phantom = add_command("phantom", "write synthetic abdominal CT cases")
-    phantom.add_argument("-o", "--out", required=True, type=Path, help="folder for Image/ and Mask/")
-    phantom.add_argument("--cases", type=int, default=4, help="number of cases")
-    phantom.add_argument("--layout", choices=("abdomenct1k", "pku", "full", "totalseg"), default="full", help="label layout")
-    phantom.add_argument("--seed", type=int, default=0, help="random seed")
-    phantom.add_argument("--size", type=int, default=512, help="in-plane voxels (same field of view)")
-    phantom.add_argument("--slices", type=int, default=None, help="number of axial slices (None: by size)")
-    phantom.add_argument("--workers", type=int, default=1, help="parallel processes")
-    phantom.add_argument("--overwrite", action="store_true", help="replace files an earlier phantom run wrote")
-    phantom.set_defaults(run=run_phantom)
-
-    pre = add_command("preprocess", "NIfTI cases -> preprocessed folder")
-    pre.add_argument("--source", required=True, choices=SOURCES, help="label convention of the masks")
-    pre.add_argument("-i", "--images", required=True, type=Path, help="image folder (nnunet: the dataset folder)")
-    pre.add_argument("--masks", type=Path, help="mask folder (not for nnunet)")
-    pre.add_argument("-o", "--out", required=True, type=Path, help="preprocessed folder to write")
-    pre.add_argument("--label-map", type=Path, help="label-map JSON (pku; see examples/)")
-    pre.add_argument("--workers", type=int, default=1, help="parallel processes")
-    pre.add_argument("--size", type=int, default=256, help="target size N x N")
-    pre.add_argument("--spacing", type=float, default=None, help="resample in-plane to MM per pixel (None: resize)")
-    pre.add_argument("--min-clip", type=float, default=-400.0, help="HU window low end")
-    pre.add_argument("--max-clip", type=float, default=400.0, help="HU window high end")
-    pre.add_argument("--overwrite", action="store_true", help="replace files an earlier preprocess run wrote")
-    pre.set_defaults(run=run_preprocess)
-
-    train = add_command("train", "train a U-Net")
-    train.add_argument("--data", required=True, nargs="+", type=Path, help="preprocessed folder(s)")
-    train.add_argument("-o", "--out", required=True, type=Path, help="run folder")
-    train.add_argument("--config", type=Path, help="JSON file of config fields")
-    train.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
-                       help="override config fields, e.g. epochs=5 features=[16,32,64,128]")
-    train.add_argument("--resume", action="store_true", help="continue the run in --out")
-    train.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    train.add_argument("--wandb", choices=("off", "offline", "online"), help="Weights & Biases logging")
-    train.set_defaults(run=run_train)
-
-    predict = add_command("predict", "CT NIfTI or DICOM series -> labels")
-    predict.add_argument("-c", "--checkpoint", required=True, type=Path, help="a checkpoint from train (best.pt)")
-    predict.add_argument("-i", "--input", required=True, type=Path,
-                         help="a CT NIfTI, a folder of them, a DICOM series folder or a folder of series folders")
-    predict.add_argument("-o", "--out", required=True, type=Path,
-                         help="output folder, or a .nii.gz file name for a single input")
-    predict.add_argument("--format", nargs="+", default=["nifti"], choices=("nifti", "dicom-seg", "rtstruct"),
-                         help="outputs to write (several allowed); dicom-seg and rtstruct need DICOM input")
-    predict.add_argument("--statistics", action="store_true",
-                         help="write <case>_statistics.json: volume (ml), mean and SD of HU per organ")
-    predict.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    predict.add_argument("--batch-size", type=int, default=32, help="slices per model call")
-    predict.add_argument("--probabilities", action="store_true", help="also save class probabilities")
-    predict.add_argument("--largest-component", action="store_true", help="keep each organ's largest component")
-    predict.add_argument("--precision", choices=("auto", "fp32", "bf16", "int8"), default="auto",
-                         help="auto: the fastest on this CPU, measured once and cached (int8 needs onnxruntime)")
-    predict.add_argument("--overwrite", action="store_true", help="replace files an earlier predict run wrote")
-    predict.set_defaults(run=run_predict)
-
-    evaluate = add_command("evaluate", "score predictions against ground truth")
-    evaluate.add_argument("--pred", required=True, type=Path, help="folder of predicted label NIfTIs")
-    evaluate.add_argument("--gt", required=True, type=Path, help="folder of ground-truth label NIfTIs")
-    evaluate.add_argument("--source", required=True, choices=SOURCES, help="label convention of --gt")
-    evaluate.add_argument("--label-map", type=Path, help="label-map JSON (pku)")
-    evaluate.add_argument("-o", "--out", required=True, type=Path, help="folder for metrics.csv, summary.json")
-    evaluate.add_argument("--tolerance-mm", type=float, default=2.0, help="surface Dice tolerance")
-    evaluate.add_argument("--missing-as-miss", action="store_true",
-                          help="score a ground-truth case without a prediction as a complete miss (else an error)")
-    evaluate.add_argument("--overwrite", action="store_true", help="replace files an earlier evaluate run wrote")
-    evaluate.set_defaults(run=run_evaluate)
-
-    demo = add_command("demo", "the whole pipeline on phantom data")
-    demo.add_argument("-o", "--out", type=Path, default=Path("runs/demo"), help="demo folder")
-    demo.add_argument("--quick", action="store_true", help="tiny settings (a smoke run)")
-    demo.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
-                      help="override demo settings")
-    demo.add_argument("--overwrite", action="store_true", help="replace files an earlier demo run wrote")
-    demo.set_defaults(run=run_demo)
+    for name, help_text, add_options, run in (
+        ("phantom", "write synthetic abdominal CT cases", add_phantom_options, run_phantom),
+        ("preprocess", "NIfTI cases -> preprocessed folder", add_preprocess_options, run_preprocess),
+        ("train", "train a U-Net", add_train_options, run_train),
+        ("predict", "CT NIfTI or DICOM series -> labels", add_predict_options, run_predict),
+        ("evaluate", "score predictions against ground truth", add_evaluate_options, run_evaluate),
+        ("demo", "the whole pipeline on phantom data", add_demo_options, run_demo),
+    ):
+        command = commands.add_parser(name, help=help_text, description=help_text, parents=[common],
+                                      formatter_class=HelpFormatter)
+        add_options(command)
+        command.set_defaults(run=run)
     for command in commands.choices.values():  # --debug before or after the command
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return parser
+
+
+def add_phantom_options(parser: argparse.ArgumentParser) -> None:
+    """Options of ``phantom``."""
+    parser.add_argument("-o", "--out", required=True, type=Path, help="folder for Image/ and Mask/")
+    parser.add_argument("--cases", type=int, default=4, help="number of cases")
+    parser.add_argument("--layout", choices=("abdomenct1k", "pku", "full", "totalseg"), default="full", help="label layout")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--size", type=int, default=512, help="in-plane voxels (same field of view)")
+    parser.add_argument("--slices", type=int, default=None, help="number of axial slices (None: by size)")
+    parser.add_argument("--workers", type=int, default=1, help="parallel processes")
+    parser.add_argument("--overwrite", action="store_true", help="replace files an earlier phantom run wrote")
+
+
+def add_preprocess_options(parser: argparse.ArgumentParser) -> None:
+    """Options of ``preprocess``."""
+    parser.add_argument("--source", required=True, choices=SOURCES, help="label convention of the masks")
+    parser.add_argument("-i", "--images", required=True, type=Path, help="image folder (nnunet: the dataset folder)")
+    parser.add_argument("--masks", type=Path, help="mask folder (not for nnunet)")
+    parser.add_argument("-o", "--out", required=True, type=Path, help="preprocessed folder to write")
+    parser.add_argument("--label-map", type=Path, help="label-map JSON (pku; see examples/)")
+    parser.add_argument("--workers", type=int, default=1, help="parallel processes")
+    parser.add_argument("--size", type=int, default=256, help="target size N x N")
+    parser.add_argument("--spacing", type=float, default=None, help="resample in-plane to MM per pixel (None: resize)")
+    parser.add_argument("--min-clip", type=float, default=-400.0, help="HU window low end")
+    parser.add_argument("--max-clip", type=float, default=400.0, help="HU window high end")
+    parser.add_argument("--overwrite", action="store_true", help="replace files an earlier preprocess run wrote")
+
+
+def add_train_options(parser: argparse.ArgumentParser) -> None:
+    """Options of ``train``."""
+    parser.add_argument("--data", required=True, nargs="+", type=Path, help="preprocessed folder(s)")
+    parser.add_argument("-o", "--out", required=True, type=Path, help="run folder")
+    parser.add_argument("--config", type=Path, help="JSON file of config fields")
+    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                       help="override config fields, e.g. epochs=5 features=[16,32,64,128]")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out")
+    parser.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    parser.add_argument("--wandb", choices=("off", "offline", "online"), help="Weights & Biases logging")
+
+
+def add_predict_options(parser: argparse.ArgumentParser) -> None:
+    """Options of ``predict``."""
+    parser.add_argument("-c", "--checkpoint", required=True, type=Path, help="a checkpoint from train (best.pt)")
+    parser.add_argument("-i", "--input", required=True, type=Path,
+                         help="a CT NIfTI, a folder of them, a DICOM series folder or a folder of series folders")
+    parser.add_argument("-o", "--out", required=True, type=Path,
+                         help="output folder, or a .nii.gz file name for a single input")
+    parser.add_argument("--format", nargs="+", default=["nifti"], choices=("nifti", "dicom-seg", "rtstruct"),
+                         help="outputs to write (several allowed); dicom-seg and rtstruct need DICOM input")
+    parser.add_argument("--statistics", action="store_true",
+                         help="write <case>_statistics.json: volume (ml), mean and SD of HU per organ")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--batch-size", type=int, default=32, help="slices per model call")
+    parser.add_argument("--probabilities", action="store_true", help="also save class probabilities")
+    parser.add_argument("--largest-component", action="store_true", help="keep each organ's largest component")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "int8"), default="auto",
+                         help="auto: the fastest on this CPU, measured once and cached (int8 needs onnxruntime)")
+    parser.add_argument("--overwrite", action="store_true", help="replace files an earlier predict run wrote")
+
+
+def add_evaluate_options(parser: argparse.ArgumentParser) -> None:
+    """Options of ``evaluate``."""
+    parser.add_argument("--pred", required=True, type=Path, help="folder of predicted label NIfTIs")
+    parser.add_argument("--gt", required=True, type=Path, help="folder of ground-truth label NIfTIs")
+    parser.add_argument("--source", required=True, choices=SOURCES, help="label convention of --gt")
+    parser.add_argument("--label-map", type=Path, help="label-map JSON (pku)")
+    parser.add_argument("-o", "--out", required=True, type=Path, help="folder for metrics.csv, summary.json")
+    parser.add_argument("--tolerance-mm", type=float, default=2.0, help="surface Dice tolerance")
+    parser.add_argument("--missing-as-miss", action="store_true",
+                          help="score a ground-truth case without a prediction as a complete miss (else an error)")
+    parser.add_argument("--overwrite", action="store_true", help="replace files an earlier evaluate run wrote")
+
+
+def add_demo_options(parser: argparse.ArgumentParser) -> None:
+    """Options of ``demo``."""
+    parser.add_argument("-o", "--out", type=Path, default=Path("runs/demo"), help="demo folder")
+    parser.add_argument("--quick", action="store_true", help="tiny settings (a smoke run)")
+    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                      help="override demo settings")
+    parser.add_argument("--overwrite", action="store_true", help="replace files an earlier demo run wrote")
 
 
 # Bounds on sizes, from the memory they imply (a clear error instead of allocating gigabytes).

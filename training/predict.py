@@ -32,23 +32,35 @@ from tqdm.auto import tqdm
 
 from network.unet import fold_batchnorm
 from training.checkpoint import load_checkpoint, model_from_checkpoint
-from training.predict_io import (ITKSNAP_FILE, SLICER_FILE, SUFFIXES, case_name, check_formats,  # noqa: F401
-                                 claim_case_files, input_cases, output_place, read_case, write_extra_outputs,
-                                 write_label_descriptions)
+from training.predict_io import (  # noqa: F401
+    ITKSNAP_FILE,
+    SLICER_FILE,
+    SUFFIXES,
+    case_name,
+    check_formats,
+    collect_written,
+    input_cases,
+    output_place,
+    read_case_or_error,
+    write_case,
+    write_label_descriptions,
+)
 from training.quantize import prediction_model
 from training.runtime import autocast_context, select_device
 from utils.errors import UserError, one_line_reason
+from utils.geometry import (
+    PreprocessParams,
+    preprocess_image,
+    preprocess_labels,
+    restore_in_plane,
+)
 from utils.labels import NUM_CLASSES, ORGANS, LabelSource, get_source
 from utils.option_checks import check_positive
-from utils.output_folder import OutputFolder, claim_output_folder
-from utils.geometry import PreprocessParams, preprocess_image, preprocess_labels, restore_in_plane
+from utils.output_folder import claim_output_folder
 from utils.volume_io import (
     Volume,
     load_ct,
     load_mask,
-    save_labels,
-    save_volume,
-    to_original,
 )
 
 # On a 2-core CPU 4-slice batches ran as fast as or faster than 16 or 32 (activations stay in cache).
@@ -314,24 +326,18 @@ def predict_files(checkpoint, inputs, out_dir, device="auto", batch_size: int = 
     seen: dict[str, Path] = {}
     with ThreadPoolExecutor(1, thread_name_prefix="read") as reader, \
             ThreadPoolExecutor(1, thread_name_prefix="write") as writer:
-        pending_read = reader.submit(_read_ct, files[0])  # read while the model loads
+        pending_read = reader.submit(read_case_or_error, files[0])  # read while the model loads
         pending_write = None
         device = select_device(device)
         model, cfg, params = model_from_checkpoint(load_checkpoint(checkpoint))
         model = (fold_batchnorm(model) if fold_bn else model).to(device)
         model, amp_dtype, summary["precision"] = prediction_model(model, cfg, params, device, precision)
-        # only now: a bad checkpoint leaves no folder behind. A file the user named (--out x.nii.gz)
-        # goes where it is named; a folder must be abdoseg's
-        if single_stem is None:
-            out = claim_output_folder(out_dir, "predict", inputs=[inputs, checkpoint], overwrite=overwrite)
-            write_label_descriptions(out)
-        else:
-            out = None
-            out_dir.mkdir(parents=True, exist_ok=True)
+        out = _claim_output(out_dir, single_stem, [inputs, checkpoint], overwrite)  # after the checkpoint loaded
+        settings = (params, cfg.in_channels, device, amp_dtype, batch_size, cfg.channels_last, largest_component)
         for i, path in enumerate(tqdm(files, desc="predict", unit="case", disable=not progress)):
             (volume, headers), error = pending_read.result()
             if i + 1 < len(files):
-                pending_read = reader.submit(_read_ct, files[i + 1])
+                pending_read = reader.submit(read_case_or_error, files[i + 1])
             case_id = single_stem or case_name(path)
             if error is None and case_id in seen:
                 error = f"{path}: case id {case_id} already predicted from {seen[case_id]}; skipped"
@@ -339,62 +345,34 @@ def predict_files(checkpoint, inputs, out_dir, device="auto", batch_size: int = 
                 summary["failed"].append({"file": str(path), "error": error})
                 continue
             seen[case_id] = path
-            settings = (params, cfg.in_channels, device, amp_dtype, batch_size, cfg.channels_last, largest_component)
             try:  # one case's failure (out of memory, a bug) is reported; the rest completes
-                if save_probabilities:
-                    labels, probabilities = predict_volume_with_probabilities(model, volume, *settings)
-                else:
-                    labels, probabilities = predict_volume(model, volume, *settings), None
+                labels, probabilities = _segment_case(model, volume, settings, save_probabilities)
             except Exception as err:  # noqa: BLE001 (the per-case guard); MemoryError too
                 summary["failed"].append({"file": str(path), "error": f"{path}: {one_line_reason(err)}"})
                 continue
-            _collect_write(pending_write, summary)  # at most one volume waits to be written
+            collect_written(pending_write, summary)  # at most one volume waits to be written
             extras = (headers, formats, statistics, out, overwrite)
-            pending_write = writer.submit(_write_case, labels, probabilities, volume, out_dir / case_id, *extras)
-        _collect_write(pending_write, summary)
+            pending_write = writer.submit(write_case, labels, probabilities, volume, out_dir / case_id, *extras)
+        collect_written(pending_write, summary)
         if out is not None:
             out.close()
     summary["seconds"] = time.perf_counter() - started
     return summary
 
 
-def _read_ct(path: Path) -> tuple[tuple, str | None]:
-    """``((volume, DICOM headers or None), None)``, or ``((None, None), one-line error)``."""
-    try:
-        return read_case(path), None  # a named caller, so load warnings point here, not into futures
-    except Exception as err:  # noqa: BLE001 (the per-case guard): any error, MemoryError too
-        return (None, None), (one_line_reason(err) if str(path) in str(err) else f"{path}: {one_line_reason(err)}")
+def _claim_output(out_dir: Path, single_stem: str | None, inputs: list, overwrite: bool):
+    """The :class:`OutputFolder` for a folder `out_dir`; None for a file the user named (``x.nii.gz``),
+    which goes where it is named."""
+    if single_stem is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return None
+    out = claim_output_folder(out_dir, "predict", inputs=inputs, overwrite=overwrite)
+    write_label_descriptions(out)
+    return out
 
 
-def _write_case(labels: np.ndarray, probabilities: np.ndarray | None, volume: Volume, stem: Path,
-                headers=None, formats=("nifti",), statistics: bool = False, out: OutputFolder | None = None,
-                overwrite: bool = False) -> dict:
-    """Write one case's outputs; returns ``{"file"?, "probabilities"?, ...}`` or ``{"file", "error"}``."""
-    label_path = stem.with_name(stem.name + ".nii.gz")
-    suffixes = [".nii.gz"] * ("nifti" in formats) + ["_probabilities.nii.gz"] * (probabilities is not None) \
-        + ["_statistics.json"] * statistics + [SUFFIXES[name] for name in formats if name in SUFFIXES]
-    names = [stem.name + suffix for suffix in suffixes]
-    try:
-        claim_case_files(stem, names, out, overwrite, PredictError)
-        done = {"file": str(label_path)} if "nifti" in formats else {}
-        if "nifti" in formats:
-            save_labels(labels, volume, label_path)
-        if probabilities is not None:
-            probability_path = stem.with_name(stem.name + "_probabilities.nii.gz")
-            # (12, X, Y, Z) -> (X, Y, Z, 12) -> the file's own axis order (I, J, K, 12)
-            on_disk = to_original(np.moveaxis(probabilities, 0, -1), volume)
-            save_volume(on_disk, volume.original_affine, probability_path, dtype=np.uint8)
-            done["probabilities"] = str(probability_path)
-        return {**done, **write_extra_outputs(labels, volume, headers, stem, formats, statistics)}
-    except Exception as err:  # noqa: BLE001 (the per-case guard)
-        return {"file": volume.path, "error": f"{stem}: could not write ({one_line_reason(err)})"}
-
-
-def _collect_write(future, summary: dict) -> None:
-    done = future.result() if future is not None else {}
-    if "error" in done:
-        summary["failed"].append(done)
-    else:
-        summary["written"].extend([done["file"]] if "file" in done else [])
-        for key in ("probabilities", "seg", "rtstruct", "statistics"):
-            summary[key].extend([done[key]] if key in done else [])
+def _segment_case(model, volume: Volume, settings: tuple, save_probabilities: bool):
+    """``(labels, probabilities or None)`` of one volume."""
+    if save_probabilities:
+        return predict_volume_with_probabilities(model, volume, *settings)
+    return predict_volume(model, volume, *settings), None

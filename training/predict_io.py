@@ -21,12 +21,12 @@ import numpy as np
 
 from utils.case_files import case_id_from_path, is_nifti, nifti_files
 from utils.dicom_io import dicom_files, load_dicom_series
-from utils.errors import UserError
+from utils.errors import UserError, one_line_reason
 from utils.files import write_json, write_text
 from utils.labels import COLORS, DISPLAY_NAMES, NUM_CLASSES, ORGANS
 from utils.organ_statistics import organ_statistics
 from utils.output_folder import OutputFolder
-from utils.volume_io import Volume, load_ct
+from utils.volume_io import Volume, load_ct, save_labels, save_volume, to_original
 
 ITKSNAP_FILE = "labels.txt"
 SLICER_FILE = "abdoseg_labels.ctbl"
@@ -157,3 +157,45 @@ def write_label_descriptions(out_dir) -> list[Path]:
         return [out_dir.write_text(name, text, replace=True) for name, text in texts.items()]
     return [write_text(Path(out_dir) / name, text) for name, text in texts.items()]  # write_text makes the folder
 
+
+def read_case_or_error(path: Path) -> tuple[tuple, str | None]:
+    """``((volume, DICOM headers or None), None)``, or ``((None, None), one-line error)``."""
+    try:
+        return read_case(path), None  # a named caller, so load warnings point here, not into futures
+    except Exception as err:  # noqa: BLE001 (the per-case guard): any error, MemoryError too
+        return (None, None), (one_line_reason(err) if str(path) in str(err) else f"{path}: {one_line_reason(err)}")
+
+
+def write_case(labels: np.ndarray, probabilities: np.ndarray | None, volume: Volume, stem: Path,
+                headers=None, formats=("nifti",), statistics: bool = False, out: OutputFolder | None = None,
+                overwrite: bool = False) -> dict:
+    """Write one case's outputs; returns ``{"file"?, "probabilities"?, ...}`` or ``{"file", "error"}``."""
+    label_path = stem.with_name(stem.name + ".nii.gz")
+    suffixes = [".nii.gz"] * ("nifti" in formats) + ["_probabilities.nii.gz"] * (probabilities is not None) \
+        + ["_statistics.json"] * statistics + [SUFFIXES[name] for name in formats if name in SUFFIXES]
+    names = [stem.name + suffix for suffix in suffixes]
+    try:
+        claim_case_files(stem, names, out, overwrite, UserError)
+        done = {"file": str(label_path)} if "nifti" in formats else {}
+        if "nifti" in formats:
+            save_labels(labels, volume, label_path)
+        if probabilities is not None:
+            probability_path = stem.with_name(stem.name + "_probabilities.nii.gz")
+            # (12, X, Y, Z) -> (X, Y, Z, 12) -> the file's own axis order (I, J, K, 12)
+            on_disk = to_original(np.moveaxis(probabilities, 0, -1), volume)
+            save_volume(on_disk, volume.original_affine, probability_path, dtype=np.uint8)
+            done["probabilities"] = str(probability_path)
+        return {**done, **write_extra_outputs(labels, volume, headers, stem, formats, statistics)}
+    except Exception as err:  # noqa: BLE001 (the per-case guard)
+        return {"file": volume.path, "error": f"{stem}: could not write ({one_line_reason(err)})"}
+
+
+def collect_written(future, summary: dict) -> None:
+    """Add a finished :func:`write_case` (a future, or None) to predict's summary."""
+    done = future.result() if future is not None else {}
+    if "error" in done:
+        summary["failed"].append(done)
+    else:
+        summary["written"].extend([done["file"]] if "file" in done else [])
+        for key in ("probabilities", "seg", "rtstruct", "statistics"):
+            summary[key].extend([done[key]] if key in done else [])
