@@ -333,3 +333,28 @@ def test_dicom_formats_need_dicom_input_and_outputs_stay_out_of_inputs(real_ct, 
     with pytest.raises(UserError, match="the output file is the input"):
         predict_files(tiny_checkpoint, nifti_path, nifti_path, progress=False)
     assert not (series / "predictions").exists()
+
+
+def test_preprocess_reads_a_dicom_series_as_it_reads_the_nifti(real_ct, shared_data, tmp_path):
+    """An image folder may hold a DICOM series subfolder per case: same arrays as from the NIfTI."""
+    from utils.preprocess_data import preprocess_dataset
+    path, volume = real_ct
+    mask = shared_data / "real" / "totalseg_example" / "example_seg_fast_force_split.nii.gz"
+    for kind in ("nifti", "dicom"):
+        images, masks = tmp_path / kind / "Image", tmp_path / kind / "Mask"
+        masks.mkdir(parents=True)
+        (masks / "Case_1.nii.gz").symlink_to(mask)
+        if kind == "dicom":
+            write_series(volume.data, volume.affine, images / "Case_1")
+        else:
+            images.mkdir()
+            (images / "Case_1_0000.nii.gz").symlink_to(path)
+        manifest = preprocess_dataset("totalseg", images, masks, tmp_path / kind / "pre",
+                                      PreprocessParams(target_size=(64, 64)), progress=False)
+        assert len(manifest["cases"]) == 1 and not manifest.get("failed"), manifest.get("failed")
+    arrays = sorted(p.name for p in (tmp_path / "nifti" / "pre" / "Case_1").glob("*.npy"))
+    assert arrays
+    for name in arrays:
+        from_nifti = np.load(tmp_path / "nifti" / "pre" / "Case_1" / name)
+        from_dicom = np.load(tmp_path / "dicom" / "pre" / "Case_1" / name)
+        np.testing.assert_allclose(from_dicom, from_nifti, atol=1e-3, err_msg=name)

@@ -7,6 +7,8 @@
   plainly ``CASE.nii.gz``: :func:`case_id_from_path` drops the suffix and the channel. A label
   map (mask, ground truth) is ``CASE.nii.gz``: :func:`strip_nifti_suffix` drops only the suffix,
   since label files carry no channel and a case id may itself end in ``_0000``.
+* An image may also be a DICOM CT series: a subfolder of the image folder holding DICOM files
+  (its case id is the subfolder's name), listed by :func:`image_inputs`.
 * Pairing (:func:`match_cases`): an image-side file (a CT, or a prediction named after its CT)
   and a label map with the same case id belong together; a second file for one case id on one
   side is reported, never guessed between.
@@ -61,6 +63,26 @@ def nifti_files(folder, what: str, error: type[UserError] = UserError) -> list[P
     return files
 
 
+def image_inputs(folder, what: str, error: type[UserError] = UserError) -> list[Path]:
+    """The NIfTI files directly in ``folder`` and its visible subfolders holding a DICOM series, sorted.
+
+    Raises:
+        error: ``folder`` is None, not a folder, or holds neither.
+    """
+    from utils.dicom_io import (
+        is_dicom_folder,  # reads 132 bytes per file; pydicom not needed
+    )
+
+    if folder is not None and Path(folder).is_dir():
+        series = [path for path in Path(folder).iterdir()
+                  if path.is_dir() and not path.name.startswith(".") and is_dicom_folder(path)]
+        if series:
+            nifti = [path for path in Path(folder).iterdir()
+                     if is_nifti(path) and not path.name.startswith(".") and path.is_file()]
+            return sorted(nifti + series)
+    return nifti_files(folder, what, error)
+
+
 @dataclass
 class CaseMatch:
     """Files of two folders matched by case id (see the module docstring).
@@ -84,13 +106,14 @@ def match_cases(images_dir, labels_dir, names: tuple[str, str] = ("images", "mas
     """Match image-side files (by :func:`case_id_from_path`) with label maps (by :func:`strip_nifti_suffix`).
 
     Args:
-        images_dir: CTs, or predictions named after their CT (``CASE.nii.gz`` or ``CASE_0000.nii.gz``).
+        images_dir: CTs (``CASE.nii.gz``, ``CASE_0000.nii.gz`` or a DICOM series folder ``CASE/``),
+            or predictions named after their CT.
         labels_dir: label maps named ``CASE.nii.gz``.
         names: what the two folders hold, plural, for messages.
         error: the :class:`UserError` subclass raised for a missing or empty folder.
     """
     match = CaseMatch()
-    images = _by_case(nifti_files(images_dir, names[0], error), case_id_from_path, match.duplicates)
+    images = _by_case(image_inputs(images_dir, names[0], error), case_id_from_path, match.duplicates)
     labels = _by_case(nifti_files(labels_dir, names[1], error), strip_nifti_suffix, match.duplicates)
     match.pairs = sorted((case_id, image, labels[case_id])
                          for case_id, image in images.items() if case_id in labels)

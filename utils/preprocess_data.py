@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from utils.case_files import case_id_from_path, pair_cases
+from utils.dicom_io import load_dicom_ct
 from utils.geometry import (PreprocessError, PreprocessParams, distance_to_boundary, preprocess_image,
                             preprocess_labels)
 from utils.labels import NUM_CLASSES, ORGANS, LabelSource, get_source
@@ -33,7 +34,8 @@ def load_case(image_path, mask_path, source: LabelSource | str, label_map=None) 
     """Read a CT and its mask and harmonize the mask: (Volume, (X, Y, Z) uint8 our ids)."""
     if isinstance(source, str):
         source = get_source(source, label_map)
-    volume = load_ct(image_path)
+    image_path = Path(image_path)
+    volume = load_dicom_ct(image_path) if image_path.is_dir() else load_ct(image_path)  # DICOM series folder or NIfTI
     return volume, source.remap(load_mask(mask_path, volume), mask_path)
 
 
