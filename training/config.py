@@ -44,6 +44,8 @@ class TrainConfig:
     alpha: float = 10.0               # weight of the boundary term
     marginal: bool = False            # partial labels: unannotated organs merge with background
     exclusion_weight: float = 0.0     # partial labels: penalise unannotated organs on labelled pixels
+    exclusion: str = "merged"         # merged: one -log(1 - sum of unannotated probabilities) term
+                                      # (older runs) | published: Shi et al. 2021, per organ, CE + Dice
     # optimisation
     epochs: int = 30
     batch_size: int = 16
@@ -115,7 +117,7 @@ _AUGMENT_HINTS = typing.get_type_hints(AugmentParams)
 _CHOICES = {
     "loss": ("weighted_ce", "dice", "dice_ce"), "optimizer": ("adamw", "sgd"),
     "scheduler": ("step", "poly", "cosine", "constant"), "amp": ("auto", "bf16", "fp16", "off", "fp32"),
-    "wandb": ("off", "offline", "online"),
+    "wandb": ("off", "offline", "online"), "exclusion": ("published", "merged"),
 }
 
 # How organs a source leaves unannotated are treated (benchmarks/partial_labels.py measures them)
@@ -123,8 +125,9 @@ PARTIAL_LABEL_PRESETS = {
     "seed_way": {"marginal": False, "exclusion_weight": 0.0},       # unannotated organs count as
                                                                     # background (the original project)
     "marginal_only": {"marginal": True, "exclusion_weight": 0.0},   # they may hide under a 0 label
-    "marginal": {"marginal": True, "exclusion_weight": 1.0},        # and labelled pixels push them away
-}                                                                   # (marginal + exclusion, Shi et al. 2021)
+    "marginal": {"marginal": True, "exclusion_weight": 1.0,         # and labelled pixels push them away
+                 "exclusion": "published"},                         # (marginal + exclusion, Shi et al. 2021)
+}
 
 
 def check_ranges(cfg: TrainConfig) -> None:

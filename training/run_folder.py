@@ -1,7 +1,7 @@
 """The run folder training writes, and what it reads back to resume::
 
     RUN_DIR/checkpoints/last.pt   every epoch (and on Ctrl-C / SIGTERM, mid-epoch)
-    RUN_DIR/checkpoints/best.pt   best mean validation Dice
+    RUN_DIR/checkpoints/best.pt   best mean per-case 3D validation Dice (val_case_dice)
     RUN_DIR/log.csv               one row per epoch
     RUN_DIR/curves.png            training curves
     RUN_DIR/config.json           the config, for people
@@ -145,6 +145,7 @@ def report_epoch(row: dict, cfg: TrainConfig, progress: bool, wandb_run) -> None
     if progress:
         tqdm.write(f"epoch {row['epoch']}/{cfg.epochs}  train_loss {row['train_loss']:.4f}  "
                    f"val_loss {row['val_loss']:.4f}  val_dice {row['val_mean_dice']:.3f}  "
+                   f"case_dice {row.get('val_case_dice', float('nan')):.3f}  "
                    f"lr {row['lr']:.2e}  {row['images_per_s']:.0f} img/s")
     if wandb_run is not None:
         wandb_run.log(row, step=row["epoch"])

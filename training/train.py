@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from training.checkpoint import checkpoint_state, restore_training_state, save_checkpoint
 from training.config import TrainConfig
 from training.loaders import build_datasets, data_summary, folder_list, make_loaders
+from training.validation import validate_cases
 from training.run_folder import (check_resume, data_fingerprint, load_resume_state, prepare_run_folder, report_epoch,
                                  start_wandb, write_log)
 from training.runtime import (Runtime, broadcast_buffers, finish_runtime, graceful_interrupts, main_process_first,
@@ -68,7 +69,15 @@ def loss_from_config(cfg: TrainConfig) -> torch.nn.Module:
     """The training loss the config describes (``utils.losses.build_loss``)."""
     return build_loss(cfg.loss, num_classes=cfg.num_classes, class_weights=cfg.class_weights,
                       sigma=cfg.sigma, alpha=cfg.alpha, marginal=cfg.marginal,
-                      exclusion_weight=cfg.exclusion_weight)
+                      exclusion_weight=cfg.exclusion_weight, exclusion=cfg.exclusion)
+
+
+def batch_label_sets(batch: dict, num_classes: int) -> torch.Tensor:
+    """The batch's ``(B, L, C)`` label sets cut to the model's classes (``annotated`` for batches
+    of datasets that predate them)."""
+    if "label_sets" not in batch:
+        return batch["annotated"][:, :num_classes]
+    return batch["label_sets"][:, :, :num_classes]
 
 
 def train_one_epoch(model, loader, loss_fn, optimizer, scaler, cfg: TrainConfig, rt: Runtime,
@@ -99,7 +108,7 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scaler, cfg: TrainConfig,
             with no_sync:
                 with rt.autocast():
                     logits = model(image)
-                loss = loss_fn(logits, label, distance, batch["annotated"])
+                loss = loss_fn(logits, label, distance, batch_label_sets(batch, cfg.num_classes))
                 scaler.scale(loss / cfg.accumulation_steps).backward()
             if sync_now:
                 optimizer_step(model, optimizer, scaler, cfg)
@@ -130,7 +139,8 @@ def optimizer_step(model, optimizer, scaler, cfg: TrainConfig) -> None:
 @torch.inference_mode()
 def validate(model, loader, loss_fn, cfg: TrainConfig, rt: Runtime) -> dict:
     """Validation loss (mean over slices of the batch loss) and the seed's per-slice Dice/IoU
-    (organs scored only where annotated), over the slices of every process."""
+    (organs scored only where the item's label sets say for certain), over the slices of every
+    process. ``best.pt`` is chosen by ``training.validation.validate_cases`` instead."""
     model.eval()
     metrics = SliceMetrics(cfg.num_classes)
     totals = torch.zeros(2, device=rt.device)  # (sum of loss * slices, slices)
@@ -139,9 +149,10 @@ def validate(model, loader, loss_fn, cfg: TrainConfig, rt: Runtime) -> dict:
         with rt.autocast():
             logits = model(batch["image"])
         slices = logits.shape[0]
-        totals[0] += loss_fn(logits, batch["label"], batch["distance"], batch["annotated"]) * slices
+        label_sets = batch_label_sets(batch, cfg.num_classes)
+        totals[0] += loss_fn(logits, batch["label"], batch["distance"], label_sets) * slices
         totals[1] += slices
-        metrics.update(logits.argmax(1), batch["label"], batch["annotated"])
+        metrics.update(logits.argmax(1), batch["label"], label_sets)
     if rt.world_size > 1:
         # sums, not per-process means: a process may hold fewer validation slices, or none
         dist.all_reduce(totals)
@@ -234,13 +245,15 @@ def _train_epochs(cfg: TrainConfig, cases, params, trained_by, fingerprint: str,
             check_finite(train_row["train_loss"], model, epoch, out_dir)  # once per epoch: off the hot path
             broadcast_buffers(model, rt)
             row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **train_row,
-                   **validate(wrapped, val_loader, loss_fn, cfg, rt)}
+                   **validate(wrapped, val_loader, loss_fn, cfg, rt),
+                   # the unwrapped model: cases are shared unevenly, DDP's forward would wait
+                   **validate_cases(model, val_set, cfg.num_classes, cfg.batch_size, rt, cfg.channels_last)}
             row.pop("steps")
             scheduler.step()
             epoch, step_in_epoch = epoch + 1, 0
             history.append(row)
-            improved = math.isfinite(row["val_mean_dice"]) and row["val_mean_dice"] > best
-            best = max(best, row["val_mean_dice"]) if improved else best
+            improved = math.isfinite(row["val_case_dice"]) and row["val_case_dice"] > best
+            best = max(best, row["val_case_dice"]) if improved else best
             save("last.pt", epoch, 0)
             if improved:  # best.pt only when a finite validation Dice chose it
                 save("best.pt", epoch, 0)

@@ -270,7 +270,8 @@ def training_curves(rows: list[dict], path=None, title: str = "") -> Figure:
     fig = Figure(figsize=(4.2 * (3 if has_lr else 2), 3.6), layout="constrained")
     axes = fig.subplots(1, 3 if has_lr else 2)
     panels = [("Loss", [("train_loss", "train"), ("val_loss", "validation")], "linear"),
-              ("Validation mean Dice", [("val_mean_dice", "mean Dice")], "linear")]
+              ("Validation mean Dice", [("val_mean_dice", "slice Dice"),
+                                        ("val_case_dice", "per-case 3D Dice")], "linear")]
     if has_lr:
         panels.append(("Learning rate", [("lr", "lr")], "log"))
     for ax, (panel_title, keys, scale) in zip(axes, panels):

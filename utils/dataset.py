@@ -3,7 +3,8 @@
 Items stay uint8 until :func:`batch_to_device`, the one place that converts dtypes (on the
 training device, after a 4x smaller copy). Arrays are memory-mapped lazily in each process, so
 the dataset pickles cheaply into DataLoader workers. Cases from different sources mix freely in
-a batch: each item carries which organs its source annotates.
+a batch: each item carries its source's label sets (``utils.labels``: row ``l`` = the classes a
+pixel stored as ``l`` may be), so the partial-label losses know what each label means.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.labels import NUM_CLASSES
+from utils.labels import NUM_CLASSES, label_sets_from_annotated, label_sets_from_lists
 from utils.geometry import PreprocessError
 from utils.preprocessed_folder import load_manifest
 
@@ -88,6 +89,21 @@ def create_train_val_datasets(paired, test_size: float = 0.2, seed: int = 0,
     return SliceDataset(train_cases, in_channels), SliceDataset(val_cases, in_channels)
 
 
+def case_label_sets(case: dict, num_classes: int = NUM_CLASSES) -> np.ndarray:
+    """``(L, C)`` bool label sets of a case record: its manifest's ``"label_sets"``, or, for a
+    manifest written before they existed, rebuilt from ``"annotated"`` (every label one class).
+
+    Raises:
+        PreprocessError: label sets that do not parse (naming the case).
+    """
+    if "label_sets" not in case:
+        return label_sets_from_annotated(case["annotated"], num_classes)
+    try:
+        return label_sets_from_lists(case["label_sets"], num_classes)
+    except (TypeError, ValueError) as err:
+        raise PreprocessError(f"case {case.get('case_id')}: bad \"label_sets\" in its manifest: {err}") from None
+
+
 class SliceDataset(torch.utils.data.Dataset):
     """Every axial slice of some cases; item ``i`` is (case, slice) in case order.
 
@@ -97,7 +113,8 @@ class SliceDataset(torch.utils.data.Dataset):
             the slice; slices past either end repeat the edge slice.
 
     Items are dicts: ``image`` uint8 ``(C, H, W)``, ``label`` uint8 ``(H, W)``, ``distance``
-    uint8 ``(H, W)``, ``annotated`` bool ``(NUM_CLASSES,)``, ``case`` and ``slice`` ints.
+    uint8 ``(H, W)``, ``annotated`` bool ``(NUM_CLASSES,)``, ``label_sets`` bool
+    ``(NUM_CLASSES, NUM_CLASSES)`` (:func:`case_label_sets`), ``case`` and ``slice`` ints.
     """
 
     def __init__(self, cases: list[dict], in_channels: int = 1):
@@ -115,6 +132,8 @@ class SliceDataset(torch.utils.data.Dataset):
         self.annotated[:, 0] = True
         for k, case in enumerate(self.cases):
             self.annotated[k, case["annotated"]] = True
+        self.label_sets = np.stack([case_label_sets(case) for case in self.cases]) if self.cases \
+            else np.zeros((0, NUM_CLASSES, NUM_CLASSES), dtype=bool)  # (cases, L, C)
         self._open: OrderedDict[int, dict] = OrderedDict()
         self._pid = os.getpid()
         self._resident: dict = {}
@@ -159,6 +178,7 @@ class SliceDataset(torch.utils.data.Dataset):
             "label": torch.from_numpy(np.array(arrays["label"][z])),
             "distance": torch.from_numpy(np.array(arrays["distance"][z])),
             "annotated": torch.from_numpy(self.annotated[k].copy()),
+            "label_sets": torch.from_numpy(self.label_sets[k].copy()),
             "case": k,
             "slice": z,
         }
@@ -167,7 +187,8 @@ class SliceDataset(torch.utils.data.Dataset):
         """The whole dataset on `device` as uint8 tensors, loaded on first use per device.
 
         Returns ``{"image", "label", "distance"}`` ``(sum Z, H, W)``, ``"channels"`` ``(N, C)``
-        rows of ``image`` per item, ``"case"``/``"slice"`` ``(N,)``, ``"annotated"`` ``(cases, classes)``.
+        rows of ``image`` per item, ``"case"``/``"slice"`` ``(N,)``, ``"annotated"``
+        ``(cases, classes)``, ``"label_sets"`` ``(cases, L, C)``.
         """
         key = str(torch.device(device))
         if key not in self._resident:
@@ -180,7 +201,8 @@ class SliceDataset(torch.utils.data.Dataset):
                 **stacked, "channels": torch.from_numpy(channels).to(device),
                 "case": torch.from_numpy(self.case_index).to(device),
                 "slice": torch.from_numpy(self.slice_index).to(device),
-                "annotated": torch.from_numpy(self.annotated).to(device)}
+                "annotated": torch.from_numpy(self.annotated).to(device),
+                "label_sets": torch.from_numpy(self.label_sets).to(device)}
         return self._resident[key]
 
 
@@ -189,7 +211,7 @@ def batch_to_device(batch: dict, device, channels_last: bool = False) -> dict:
 
     Returns ``image`` float32 ``(B, C, H, W)`` in [0, 1] (uint8 / 255), ``label`` int64
     ``(B, H, W)``, ``distance`` float32 ``(B, H, W)`` pixels, ``annotated`` bool
-    ``(B, NUM_CLASSES)``; other keys unchanged.
+    ``(B, NUM_CLASSES)``, ``label_sets`` bool ``(B, L, C)`` (when present); other keys unchanged.
     """
     device = torch.device(device)
     moved = dict(batch)
@@ -200,6 +222,8 @@ def batch_to_device(batch: dict, device, channels_last: bool = False) -> dict:
     moved["label"] = batch["label"].to(device, non_blocking=True).long()
     moved["distance"] = batch["distance"].to(device, non_blocking=True).float()
     moved["annotated"] = batch["annotated"].to(device, non_blocking=True).bool()
+    if "label_sets" in batch:
+        moved["label_sets"] = batch["label_sets"].to(device, non_blocking=True).bool()
     return moved
 
 
@@ -220,6 +244,7 @@ def resident_batch(dataset: SliceDataset, device, items) -> dict:
     centre = slices[:, dataset.in_channels // 2]
     return {"image": data["image"][slices], "label": data["label"][centre],  # (B, C, H, W), (B, H, W)
             "distance": data["distance"][centre], "annotated": data["annotated"][case],
+            "label_sets": data["label_sets"][case],
             "case": case, "slice": data["slice"][items]}
 
 

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from scipy import ndimage
 
-from utils.labels import NUM_CLASSES
+from utils.labels import NUM_CLASSES, scoreable_classes
 from utils.partial_labels import label_sets_tensor, scoreable
 from utils.surface_distance import crop_to_union, surfel_distances
 
@@ -350,3 +350,29 @@ def reference_masks(reference: np.ndarray, label_sets: np.ndarray,
     possible_rows = label_sets[:, class_id]
     certain_rows = possible_rows & (label_sets.sum(axis=1) == 1)
     return certain_rows[reference], possible_rows[reference]
+
+
+def case_dice_3d(pred: np.ndarray, reference: np.ndarray, label_sets: np.ndarray,
+                 num_classes: int) -> np.ndarray:
+    """Per-organ 3D Dice of one case, false positives counted: what chooses ``best.pt``.
+
+    Args:
+        pred: ``(Z, H, W)`` (any shape) predicted class ids.
+        reference: stored label values, same shape.
+        label_sets: ``(L, C)`` bool, the case's label sets; organs it cannot score
+            (``utils.labels.scoreable_classes``) are NaN.
+        num_classes: C.
+
+    Returns:
+        ``(C - 1,)`` float64 for organs 1..C-1: :func:`dice_iou_3d`'s Dice (0 for an organ
+        predicted where the reference has none, NaN when neither has it).
+    """
+    pred, reference = np.asarray(pred), np.asarray(reference)
+    if pred.shape != reference.shape:
+        raise ValueError(f"prediction {pred.shape} and reference {reference.shape} differ in shape")
+    scoreable = scoreable_classes(label_sets)  # (C,)
+    dice = np.full(num_classes - 1, np.nan)
+    for organ in range(1, num_classes):
+        if scoreable[organ]:
+            dice[organ - 1] = dice_iou_3d(pred == organ, reference == organ)[0]
+    return dice

@@ -22,7 +22,7 @@ from utils.case_files import case_id_from_path, pair_cases
 from utils.dicom_io import load_dicom_ct
 from utils.geometry import (PreprocessError, PreprocessParams, distance_to_boundary, preprocess_image,
                             preprocess_labels)
-from utils.labels import NUM_CLASSES, ORGANS, LabelSource, get_source
+from utils.labels import NUM_CLASSES, ORGANS, LabelSource, get_source, label_sets_to_lists
 from utils.errors import one_line_reason
 from utils.output_folder import claim_output_folder
 from utils.preprocessed_folder import (MANIFEST_FILE, META_FILE, read_case_metas, remove_stale_temporaries,
@@ -58,6 +58,7 @@ def preprocess_case(case_id: str, image_path, mask_path, source: LabelSource, pa
     presence = np.bincount(offsets.ravel(), minlength=num_slices * NUM_CLASSES).reshape(num_slices, -1) > 0
     entry = {
         "case_id": case_id, "source": source.name, "annotated": sorted(source.annotated),
+        "label_sets": label_sets_to_lists(source.label_sets()),
         "image_file": str(Path(image_path).absolute()), "mask_file": str(Path(mask_path).absolute()),
         "folder": case_id, "num_slices": int(num_slices),
         "original": {"shape": list(volume.data.shape), "spacing": list(volume.spacing),

@@ -9,6 +9,10 @@ Layout (what ``utils.preprocess_data.preprocess_dataset`` writes)::
     OUT/<case_id>/distance.npy          (Z, H, W) uint8, pixels to the nearest class boundary
     OUT/<case_id>/meta.json             the case's manifest entry (+ "params")
 
+A case entry's ``"label_sets"`` lists, per stored label value, the classes it may be
+(``utils.labels.label_sets_to_lists`` of its source's ``label_sets()``); manifests written before
+it existed have only ``"annotated"``, from which the dataset rebuilds the sets.
+
 Plain ``.npy`` files, so the dataset memory-maps them. A case folder appears only complete (built
 under a hidden temporary name, ``utils.files.temporary_name``, and renamed), so a killed run
 resumes by skipping finished cases, and the manifest is rebuilt from every ``meta.json``.
