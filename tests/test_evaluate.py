@@ -46,13 +46,14 @@ def test_perfect_prediction():
     assert kidney["hd95_mm"] == 0.0 and kidney["false_negative_rate"] == 0.0
 
 
-def test_false_positive_of_absent_organ_is_reported_not_averaged():
+def test_false_positive_of_absent_organ_scores_zero_and_its_volume():
     gt = np.zeros((20, 20, 10), dtype=np.uint8)
     pred = np.zeros_like(gt)
     pred[0:10, 0, 0] = SPLEEN  # 10 voxels of 2 x 2 x 5 mm = 200 mm^3 = 0.2 ml
     spleen = _by_organ(evaluate.evaluate_case(pred, gt, SPACING, ALL_ORGANS))["spleen"]
     assert spleen["false_positive_ml"] == pytest.approx(0.2)
-    assert math.isnan(spleen["dice"]) and math.isnan(spleen["hd95_mm"]) and math.isnan(spleen["volume_ratio"])
+    assert (spleen["dice"], spleen["iou"], spleen["surface_dice"]) == (0.0, 0.0, 0.0)  # nnU-Net's convention
+    assert math.isnan(spleen["hd95_mm"]) and math.isnan(spleen["volume_ratio"])
     assert spleen["pred_voxels"] == 10
 
 

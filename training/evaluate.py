@@ -15,13 +15,22 @@ Conventions (the metric functions are in ``utils/metrics.py``):
   prediction and ground truth must be on the same grid (``load_mask`` checks it to 1e-3 mm), so
   the spacing read from the prediction's header is the ground truth's.
 - Organs the ground-truth source does not annotate are *not scored*: a 0 in their mask means
-  "not labelled", not "absent". Their rows have NaN scores (and NaN ``gt_voxels``) but keep
-  ``pred_voxels``.
-- Dice, IoU and surface Dice are NaN when the organ is absent from the ground truth, whether or
-  not it was predicted, so NaN-means over cases average only cases that contain the organ.
-  A prediction of an absent organ never vanishes: it is ``false_positive_ml`` (> 0 exactly then).
+  "not labelled", not "absent". Nor are organs its labels name only as part of a set
+  (TotalSegmentator's colon, which includes the rectum, and its whole femur for our femur head:
+  ``utils.labels.scoreable_classes``). Their rows have ``annotated`` False, NaN scores (and NaN
+  ``gt_voxels``) but keep ``pred_voxels``.
+- Dice, IoU and surface Dice are 0 for an organ predicted where the ground truth has none (as in
+  nnU-Net and most challenges) and NaN only when neither has it, so NaN-means over cases
+  average the cases that contain or predict the organ. ``false_positive_ml`` is the predicted
+  volume of an organ the ground truth lacks (> 0 exactly then); the summary averages it over
+  the ground-truth-empty cases only.
 - An organ present but not predicted scores Dice, IoU and surface Dice 0; its ``hd95_mm`` is NaN
-  (no surface to measure from), as is any hd95 with an empty mask.
+  (no surface to measure from) and the summary counts it as a miss (``hd95_missed``) whose HD95
+  in the mean is the case's volume diagonal (``hd95_penalty_mm``, ``utils.metrics.miss_penalty_mm``);
+  ``hd95_detected_mm`` is the mean over detected cases. A case without the organ in the ground
+  truth has no HD95.
+- Surface Dice is Nikolov et al.'s normalised surface Dice (area-weighted); the tolerance is one
+  value in mm or one per organ name.
 - ``volume_ratio`` = predicted / true volume and ``false_negative_rate`` = fraction of true
   voxels not predicted; both NaN when the ground truth is empty.
 - ``slice_dice`` is the original project's metric: per organ, the 2D Dice averaged over the
@@ -48,8 +57,9 @@ from training.visualization import dice_bar_chart, save_figure
 from utils.case_files import match_cases, nifti_files
 from utils.errors import UserError, one_line_reason
 from utils.files import write_json, write_text
-from utils.labels import NUM_CLASSES, ORGANS, get_source
-from utils.metrics import dice_iou_3d, false_positive_volume_ml, hd95_mm, surface_dice
+from utils.labels import NUM_CLASSES, ORGANS, get_source, scoreable_classes
+from utils.metrics import (dice_iou_3d, false_positive_volume_ml, hd95_mm, miss_penalty_mm, organ_tolerance_mm,
+                           summarize_false_positive_volume, summarize_hd95, surface_dice)
 from utils.option_checks import check_positive
 from utils.output_folder import claim_output_folder
 from utils.volume_io import load_ct, load_mask
@@ -57,39 +67,52 @@ from utils.volume_io import load_ct, load_mask
 ORGAN_RANGE = range(1, NUM_CLASSES)
 SCORE_COLUMNS = ("dice", "iou", "hd95_mm", "surface_dice", "false_positive_ml", "volume_ratio",
                  "false_negative_rate")
-CASE_COLUMNS = ("organ_id", "organ", "annotated", "gt_voxels", "pred_voxels") + SCORE_COLUMNS
+CASE_COLUMNS = ("organ_id", "organ", "annotated", "gt_voxels", "pred_voxels") + SCORE_COLUMNS + ("hd95_penalty_mm",)
 CSV_COLUMNS = ("case",) + CASE_COLUMNS + ("slice_dice",)
-SUMMARY_METRICS = ("dice", "iou", "hd95_mm", "surface_dice", "false_positive_ml", "slice_dice")
+SUMMARY_METRICS = ("dice", "iou", "surface_dice", "slice_dice")  # plain NaN-means over cases
+CONVENTIONS = {
+    "dice": "0 when the organ is predicted but absent from the ground truth, NaN (not averaged) "
+            "when absent from both; same for iou and surface_dice",
+    "surface_dice": "normalised surface Dice, surface-area weighted (Nikolov et al. 2021), at tolerance_mm",
+    "hd95_mm": "mean over cases with the organ in the ground truth; a miss (nothing predicted) "
+               "counts as hd95_penalty_mm, the diagonal of the case's volume; hd95_missed counts them",
+    "false_positive_ml": "mean predicted volume over the cases whose ground truth lacks the organ",
+    "not_scored": "organs the ground-truth source leaves out or labels only as part of a set",
+}
 NAN = float("nan")
 
 
-def evaluate_case(pred: np.ndarray, gt: np.ndarray, spacing, annotated, tolerance_mm: float = 2.0) -> list[dict]:
+def evaluate_case(pred: np.ndarray, gt: np.ndarray, spacing, annotated, tolerance_mm=2.0) -> list[dict]:
     """Per-organ scores of one case.
 
     Args:
         pred: ``(X, Y, Z)`` predicted class ids 0..11.
         gt: ``(X, Y, Z)`` ground-truth class ids 0..11 (already remapped to ours).
         spacing: voxel size ``(sx, sy, sz)`` in mm along the array axes.
-        annotated: organ ids the ground truth labels; the others are not scored.
-        tolerance_mm: surface Dice tolerance.
+        annotated: organ ids the ground truth scores (labels each with certainty); the others
+            are not scored.
+        tolerance_mm: surface Dice tolerance, one value or ``{organ name: mm}``.
 
     Returns:
         11 dicts (organs 1..11) with keys ``CASE_COLUMNS``: ``organ_id``, ``organ`` (name),
         ``annotated``, ``gt_voxels``, ``pred_voxels``, ``dice``, ``iou``, ``hd95_mm``,
-        ``surface_dice``, ``false_positive_ml``, ``volume_ratio``, ``false_negative_rate``
-        (conventions in the module docstring).
+        ``surface_dice``, ``false_positive_ml``, ``volume_ratio``, ``false_negative_rate``,
+        ``hd95_penalty_mm`` (conventions in the module docstring).
     """
     pred, gt = _check_pair(pred, gt)
     if len(spacing) != 3:
         raise ValueError(f"spacing must have 3 entries (mm along X, Y, Z), got {spacing}")
     annotated = {int(i) for i in annotated}
+    penalty = miss_penalty_mm(gt.shape, spacing)
     rows = []
     for organ in ORGAN_RANGE:
         pred_mask = pred == organ
         row = {"organ_id": organ, "organ": ORGANS[organ], "annotated": organ in annotated,
-               "gt_voxels": NAN, "pred_voxels": int(pred_mask.sum()), **dict.fromkeys(SCORE_COLUMNS, NAN)}
+               "gt_voxels": NAN, "pred_voxels": int(pred_mask.sum()), **dict.fromkeys(SCORE_COLUMNS, NAN),
+               "hd95_penalty_mm": penalty}
         if organ in annotated:
-            row.update(_organ_scores(pred_mask, gt == organ, spacing, tolerance_mm))
+            tolerance = organ_tolerance_mm(tolerance_mm, ORGANS[organ])
+            row.update(_organ_scores(pred_mask, gt == organ, spacing, tolerance))
         rows.append(row)
     return rows
 
@@ -97,13 +120,13 @@ def evaluate_case(pred: np.ndarray, gt: np.ndarray, spacing, annotated, toleranc
 def _organ_scores(pred_mask, gt_mask, spacing, tolerance_mm: float) -> dict:
     """Scores of one annotated organ (boolean masks of the same shape)."""
     gt_voxels, pred_voxels = int(gt_mask.sum()), int(pred_mask.sum())
-    scores = {"gt_voxels": gt_voxels, "false_positive_ml": false_positive_volume_ml(pred_mask, gt_mask, spacing)}
-    if gt_voxels == 0:  # absent organ: overlap scores undefined, a false positive shows above
+    dice, iou = dice_iou_3d(pred_mask, gt_mask)  # 0 when exactly one is empty, NaN when both
+    scores = {"gt_voxels": gt_voxels, "false_positive_ml": false_positive_volume_ml(pred_mask, gt_mask, spacing),
+              "dice": dice, "iou": iou, "surface_dice": surface_dice(pred_mask, gt_mask, spacing, tolerance_mm)}
+    if gt_voxels == 0:  # absent organ: no reference surface or volume; a false positive shows above
         return scores
     missed = int(np.count_nonzero(gt_mask & ~pred_mask))
-    dice, iou = dice_iou_3d(pred_mask, gt_mask)
-    scores.update(dice=dice, iou=iou, hd95_mm=hd95_mm(pred_mask, gt_mask, spacing),
-                  surface_dice=surface_dice(pred_mask, gt_mask, spacing, tolerance_mm),
+    scores.update(hd95_mm=hd95_mm(pred_mask, gt_mask, spacing),
                   volume_ratio=pred_voxels / gt_voxels, false_negative_rate=missed / gt_voxels)
     return scores
 
@@ -141,7 +164,7 @@ def slice_level_dice(pred: np.ndarray, gt: np.ndarray, annotated) -> dict[str, f
 OUTPUT_FILES = ("metrics.csv", "summary.json", "dice_per_organ.png", "report.html")
 
 
-def evaluate_folders(pred_dir, gt_dir, source: str, out_dir, label_map=None, tolerance_mm: float = 2.0,
+def evaluate_folders(pred_dir, gt_dir, source: str, out_dir, label_map=None, tolerance_mm=2.0,
                      progress: bool = True, missing_as_miss: bool = False, overwrite: bool = False) -> dict:
     """Score every ground-truth case in ``gt_dir`` against its prediction in ``pred_dir``.
 
@@ -149,10 +172,10 @@ def evaluate_folders(pred_dir, gt_dir, source: str, out_dir, label_map=None, tol
         pred_dir: folder of predicted label NIfTIs in our ids, named ``<case>.nii.gz``.
         gt_dir: folder of ground-truth label NIfTIs in ``source``'s ids.
         source: ground-truth source name (``utils.labels.SOURCES``); decides the id mapping and
-            which organs are scored.
+            which organs are scored (:func:`scored_organs`).
         out_dir: where ``metrics.csv``, ``summary.json`` and ``dice_per_organ.png`` go.
         label_map: label-map JSON for ``pku`` / ``nnunet`` sources.
-        tolerance_mm: surface Dice tolerance (a positive number of mm).
+        tolerance_mm: surface Dice tolerance in mm (positive), one value or ``{organ name: mm}``.
         progress: show a progress bar.
         missing_as_miss: score a ground-truth case without a prediction as a complete miss (an
             empty prediction: Dice 0 for every organ present, HD95 NaN); without it such a case
@@ -165,12 +188,16 @@ def evaluate_folders(pred_dir, gt_dir, source: str, out_dir, label_map=None, tol
 
     Returns:
         The summary (also written to ``summary.json``): ``tolerance_mm``, ``source``, ``cases``
-        (number scored), ``case_ids``, ``mean_dice``, per-organ means ``dice``, ``iou``,
-        ``hd95_mm``, ``surface_dice``, ``false_positive_ml``, ``slice_dice``,
-        ``missing_predictions`` (case ids) and ``failed`` (``[{"case", "error"}]``).
+        (number scored), ``case_ids``, ``mean_dice``, per-organ ``dice``, ``iou``, ``hd95_mm``,
+        ``hd95_detected_mm``, ``hd95_missed``, ``hd95_cases``, ``surface_dice``,
+        ``false_positive_ml``, ``false_positive_cases``, ``slice_dice``, ``not_scored`` (organ
+        names), ``conventions``, ``missing_predictions`` (case ids) and ``failed``
+        (``[{"case", "error"}]``).
     """
-    check_positive(tolerance_mm, "tolerance_mm")
+    for value in (tolerance_mm.values() if isinstance(tolerance_mm, dict) else [tolerance_mm]):
+        check_positive(value, "tolerance_mm")
     label_source = get_source(source, label_map)
+    organs = scored_organs(label_source)
     pairs, missing = _pair_cases(pred_dir, gt_dir)
     if missing and not missing_as_miss:
         shown = ", ".join(sorted(missing)[:5]) + (" ..." if len(missing) > 5 else "")
@@ -184,14 +211,16 @@ def evaluate_folders(pred_dir, gt_dir, source: str, out_dir, label_map=None, tol
     for case, pred_path, gt_path in tqdm(todo, desc="evaluate", disable=not progress):
         try:  # the per-case guard: any error (a bug, out of memory too) fails this case only
             pred, gt, spacing = _load_case(pred_path, gt_path, label_source)
-            case_rows = evaluate_case(pred, gt, spacing, label_source.annotated, tolerance_mm)
-            slice_dice = slice_level_dice(pred, gt, label_source.annotated)
+            case_rows = evaluate_case(pred, gt, spacing, organs, tolerance_mm)
+            slice_dice = slice_level_dice(pred, gt, organs)
         except Exception as err:  # noqa: BLE001
             failed.append({"case": case, "error": one_line_reason(err)})
             continue
         rows += [{"case": case, **row, "slice_dice": slice_dice[row["organ"]]} for row in case_rows]
         scored.append(case)
-    summary = {"source": source, **summarize(rows, tolerance_mm), "case_ids": scored,
+    not_scored = [ORGANS[organ] for organ in sorted(label_source.annotated) if organ not in organs]
+    summary = {"source": source, **summarize(rows, tolerance_mm), "not_scored": not_scored,
+               "conventions": CONVENTIONS, "case_ids": scored,
                "missing_predictions": sorted(missing), "failed": failed}
     write_outputs(rows, summary, out.path)
     write_report(out.path, rows, summary, pairs, label_source)
@@ -199,22 +228,40 @@ def evaluate_folders(pred_dir, gt_dir, source: str, out_dir, label_map=None, tol
     return summary
 
 
-def summarize(rows: list[dict], tolerance_mm: float) -> dict:
-    """Per-organ NaN-means over cases of the annotated rows, and the mean over organs of Dice.
+def scored_organs(label_source) -> list[int]:
+    """Organ ids a ground truth of `label_source` can be scored on: annotated, and each voxel
+    certainly in or out (``utils.labels.scoreable_classes``)."""
+    scoreable = scoreable_classes(label_source.label_sets())
+    return [organ for organ in sorted(label_source.annotated) if scoreable[organ]]
 
-    ``hd95_missed`` counts, per organ, the cases where the organ is present but was not
-    predicted at all: their HD95 is undefined (NaN), so the ``hd95_mm`` mean leaves them out and
-    this count says how many it left out (their Dice, 0, is in the Dice mean).
+
+def summarize(rows: list[dict], tolerance_mm) -> dict:
+    """Per-organ summaries over cases of the scored rows, and the mean over organs of Dice.
+
+    ``dice``, ``iou``, ``surface_dice``, ``slice_dice``: NaN-means. ``hd95_mm``: misses at
+    their penalty (``utils.metrics.summarize_hd95``), with ``hd95_detected_mm``,
+    ``hd95_missed``, ``hd95_cases``. ``false_positive_ml``: over ground-truth-empty cases
+    (``utils.metrics.summarize_false_positive_volume``), with ``false_positive_cases``.
     """
-    per_organ = {metric: {ORGANS[organ]: _nanmean([row[metric] for row in rows
-                                                   if row["organ_id"] == organ and row["annotated"]])
-                          for organ in ORGAN_RANGE}
-                 for metric in SUMMARY_METRICS}
-    missed = {ORGANS[organ]: sum(1 for row in rows if row["organ_id"] == organ and row["annotated"]
-                                 and not _is_nan(row["gt_voxels"]) and row["gt_voxels"] > 0 and row["pred_voxels"] == 0)
-              for organ in ORGAN_RANGE}
+    by_organ = {organ: [row for row in rows if row["organ_id"] == organ and row["annotated"]]
+                for organ in ORGAN_RANGE}
+    summary = {metric: {ORGANS[organ]: _nanmean([row[metric] for row in by_organ[organ]]) for organ in ORGAN_RANGE}
+               for metric in SUMMARY_METRICS}
+    for key in ("hd95_mm", "hd95_detected_mm", "hd95_missed", "hd95_cases", "false_positive_ml",
+                "false_positive_cases"):
+        summary[key] = {}
+    for organ in ORGAN_RANGE:
+        organ_rows, name = by_organ[organ], ORGANS[organ]
+        column = {key: [row[key] for row in organ_rows] for key in CASE_COLUMNS}
+        hd95 = summarize_hd95(column["hd95_mm"], column["gt_voxels"], column["pred_voxels"],
+                              column["hd95_penalty_mm"])
+        false_positive = summarize_false_positive_volume(column["false_positive_ml"], column["gt_voxels"])
+        summary["hd95_mm"][name], summary["hd95_detected_mm"][name] = hd95["mean_mm"], hd95["mean_detected_mm"]
+        summary["hd95_missed"][name], summary["hd95_cases"][name] = hd95["misses"], hd95["cases"]
+        summary["false_positive_ml"][name] = false_positive["mean_ml"]
+        summary["false_positive_cases"][name] = false_positive["cases"]
     return {"tolerance_mm": tolerance_mm, "cases": len({row["case"] for row in rows}),
-            "mean_dice": _nanmean(list(per_organ["dice"].values())), **per_organ, "hd95_missed": missed}
+            "mean_dice": _nanmean(list(summary["dice"].values())), **summary}
 
 
 def write_outputs(rows: list[dict], summary: dict, out_dir) -> None:
