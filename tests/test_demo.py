@@ -23,7 +23,7 @@ def test_demo_runs_end_to_end_and_writes_its_summary(tmp_path, capsys):
         assert (tmp_path / name).is_file(), name
     assert len(list((tmp_path / "predictions").glob("Case_*.nii.gz"))) == 1
     out = capsys.readouterr().out
-    assert "mean held-out 3D Dice" in out and str(tmp_path) in out
+    assert "mean test-set 3D Dice" in out and str(tmp_path) in out
 
 
 def test_demo_settings_can_be_overridden():

@@ -2,7 +2,9 @@
 
 Two partially labelled training sets (the ``pku`` layout without spleen and pancreas, the
 ``abdomenct1k`` layout with only liver, kidney, spleen and pancreas), trained together with the
-partial-label losses, then fully labelled held-out phantoms predicted to NIfTI and scored.
+partial-label losses (best.pt chosen on validation cases split from the training phantoms), then
+fully labelled test phantoms (``utils.phantom.TEST_SEEDS``, never looked at while choosing the
+settings) predicted to NIfTI and scored.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from training.predict import predict_files
 from training.train import fit
 from training.visualization import slice_grid
 from utils.labels import EXAMPLE_PKU_MAP, ORGANS
-from utils.phantom import PHANTOM_SEEDS, write_phantom_dataset
+from utils.phantom import PHANTOM_SEEDS, TEST_SEEDS, write_phantom_dataset
 from utils.preprocess_data import PreprocessParams, preprocess_dataset
 from utils.volume_io import load_ct, load_mask
 from utils.case_files import case_id_from_path, nifti_files
@@ -27,7 +29,7 @@ from utils.output_folder import claim_output_folder
 # Settings of the demo itself; the model's are in TRAIN below. `--set key=value` changes either.
 DEMO = {
     "cases_per_source": 8,     # training phantoms per partial layout
-    "heldout_cases": 3,        # fully labelled phantoms never seen in training
+    "heldout_cases": 3,        # fully labelled test phantoms, never seen in training or tuning
     "phantom_size": 128,       # in-plane voxels (the 512 phantom's field of view at ~3 mm/pixel)
     "phantom_slices": 48,
     "target_size": 128,        # preprocessed slice size
@@ -84,7 +86,7 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, overrides: 
         for source in ("pku", "abdomenct1k"):
             write_phantom_dataset(raw / source, demo["cases_per_source"], source, PHANTOM_SEEDS[source], **shape,
                                   overwrite=overwrite)
-        write_phantom_dataset(raw / "heldout", demo["heldout_cases"], "full", PHANTOM_SEEDS["full"], **shape,
+        write_phantom_dataset(raw / "test", demo["heldout_cases"], "full", TEST_SEEDS["demo"], **shape,
                               overwrite=overwrite)
     with timed(seconds, "preprocess"):
         for source in ("pku", "abdomenct1k"):
@@ -95,19 +97,19 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, overrides: 
         fit(cfg, [pre / "pku", pre / "abdomenct1k"], out / "run", overwrite=overwrite)
     with timed(seconds, "predict"):
         best = out / "run" / "checkpoints" / "best.pt"
-        predict_files(best if best.exists() else best.with_name("last.pt"), raw / "heldout" / "Image",
+        predict_files(best if best.exists() else best.with_name("last.pt"), raw / "test" / "Image",
                       out / "predictions", device=cfg.device, overwrite=overwrite)
     with timed(seconds, "evaluate"):
-        metrics = evaluate_folders(out / "predictions", raw / "heldout" / "Mask", "full", out / "evaluation",
+        metrics = evaluate_folders(out / "predictions", raw / "test" / "Mask", "full", out / "evaluation",
                                    overwrite=overwrite)
     with timed(seconds, "pictures"):
-        picture = draw_example(raw / "heldout", out / "predictions", out / "example_slices.png")
+        picture = draw_example(raw / "test", out / "predictions", out / "example_slices.png")
     summary = {
         "mean_dice": metrics["mean_dice"],
         "dice": {organ: metrics["dice"].get(organ) for organ in ORGANS[1:]},
         "hd95_mm": {organ: metrics["hd95_mm"].get(organ) for organ in ORGANS[1:]},
         "seconds": {**seconds, "total": round(sum(seconds.values()), 1)},
-        "settings": {**demo, "train": cfg.to_dict()},
+        "settings": {**demo, "test_seed": TEST_SEEDS["demo"], "train": cfg.to_dict()},
     }
     folder.write_json("summary.json", summary)  # strict JSON: a NaN Dice is null
     folder.close()
@@ -115,30 +117,30 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, overrides: 
     return summary
 
 
-def draw_example(heldout: Path, predictions: Path, path: Path) -> Path:
-    """A grid of axial slices of the first held-out case: CT, prediction fill, truth contour."""
-    image_path = nifti_files(heldout / "Image", "held-out images")[0]
+def draw_example(test_dir: Path, predictions: Path, path: Path) -> Path:
+    """A grid of axial slices of the first test case: CT, prediction fill, truth contour."""
+    image_path = nifti_files(test_dir / "Image", "test images")[0]
     case = case_id_from_path(image_path)
     volume = load_ct(image_path)
-    truth = load_mask(heldout / "Mask" / f"{case}.nii.gz", volume)
+    truth = load_mask(test_dir / "Mask" / f"{case}.nii.gz", volume)
     predicted = load_mask(predictions / f"{case}.nii.gz", volume)
     slice_grid(volume.data, predicted, truth, num_slices=8, path=path)
     return path
 
 
 def print_outputs(out: Path, summary: dict, picture: Path) -> None:
-    print(f"\nmean held-out 3D Dice over 11 organs: {summary['mean_dice']:.3f} "
+    print(f"\nmean test-set 3D Dice over 11 organs: {summary['mean_dice']:.3f} "
           f"(total {summary['seconds']['total']:.0f} s)")
     for organ, value in summary["dice"].items():
         print(f"  {organ:<16} Dice {value:.3f}  HD95 {summary['hd95_mm'][organ]:.1f} mm")
     print(f"""
 Outputs in {out}/:
   summary.json                       the numbers above
-  example_slices.png                 held-out slices: prediction fill, ground-truth contour
+  example_slices.png                 test slices: prediction fill, ground-truth contour
   evaluation/dice_per_organ.png      per-organ Dice chart; evaluation/metrics.csv per case and organ
   run/curves.png, run/log.csv        training curves and per-epoch log
   predictions/*.nii.gz               predicted label volumes; open one in ITK-SNAP or 3D Slicer over
-                                     raw/heldout/Image/<case>_0000.nii.gz (labels: predictions/labels.txt)
+                                     raw/test/Image/<case>_0000.nii.gz (labels: predictions/labels.txt)
   run/checkpoints/best.pt            the model; predict more CTs with
       python -m training predict --checkpoint {out}/run/checkpoints/best.pt --input CT.nii.gz --out DIR
 In a notebook: notebooks/04_predict_and_visualize.ipynb shows the slice viewer.""")

@@ -28,7 +28,7 @@ live in ``training.phantom_preview`` (``render_phantom_preview``).
 
 from utils.phantom.generate import Phantom, make_phantom
 from utils.phantom.layouts import LAYOUTS, layout_labels
-from utils.phantom.writer import PHANTOM_SEEDS, case_id, write_phantom_dataset
+from utils.phantom.writer import PHANTOM_SEEDS, TEST_SEEDS, case_id, write_phantom_dataset
 
-__all__ = ["LAYOUTS", "PHANTOM_SEEDS", "Phantom", "case_id", "layout_labels", "make_phantom",
+__all__ = ["LAYOUTS", "PHANTOM_SEEDS", "TEST_SEEDS", "Phantom", "case_id", "layout_labels", "make_phantom",
            "write_phantom_dataset"]
