@@ -105,6 +105,14 @@ def test_dice_bar_chart_single_and_grouped(tmp_path):
     viz.dice_bar_chart({})
 
 
+def test_dice_bar_chart_error_bars_span_the_spread():
+    means = {"a": {"liver": 0.8, "spleen": 0.5}, "b": {"liver": 0.9}}
+    fig = viz.dice_bar_chart(means, errors={"a": {"liver": 0.1, "spleen": float("nan")}})
+    bars = [line for collection in fig.axes[0].collections for line in collection.get_segments()]
+    spans = sorted(round(float(segment[1][1] - segment[0][1]), 6) for segment in bars)
+    assert spans == [0.0, 0.2]  # liver 0.8 +- 0.1; a NaN spread draws nothing; series b has none
+
+
 def test_training_curves_from_csv_strings(tmp_path):
     rows = [{"epoch": str(e), "train_loss": str(1 / e), "val_loss": "", "val_mean_dice": "0.5", "lr": "0.001"}
             for e in range(1, 4)]
