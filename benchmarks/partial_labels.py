@@ -1,23 +1,34 @@
-"""Partial labels against a known truth: does the marginal + exclusion loss stop the model from
-learning to miss organs that one source leaves unannotated?
+"""The partial-label study: does marginal + exclusion stop the model from learning to miss
+organs a source leaves unannotated, and what does the exclusion term add?
 
-Two phantom training sets of equal size, one in the ``pku`` layout (no spleen, no pancreas) and
-one in the ``abdomenct1k`` layout (only liver, kidney, spleen, pancreas). The same model, budget
-and seed trained three ways:
+Training data: three phantom sets of equal size, each in one source's label layout, with seeds
+used nowhere else: ``pku`` (no spleen, no pancreas), ``abdomenct1k`` (only liver, kidney, spleen,
+pancreas) and ``totalseg`` (TotalSegmentator-style superset labels: its colon includes the rectum,
+its femur is the whole femur). Four arms, ONE configuration (``TRAIN`` below, fixed before any run;
+the arms change only the partial-label switches of ``training.config.PARTIAL_LABEL_PRESETS``):
 
-    seed_way  unannotated organs are background (the original project)
-    marginal  marginal + exclusion losses (Shi et al. 2021)
-    full      every organ labelled on the same images (the upper bound)
+    seed_way       unannotated organs are background (the original project)
+    marginal_only  the marginal loss alone (unannotated organs may hide under a 0 label)
+    marginal       marginal + exclusion, the exclusion as published (Shi et al. 2021)
+    full           every organ labelled on the same images (the upper bound), the seed's loss
 
-all scored on the same fully labelled held-out phantoms. Writes ``OUT/partial_labels.json`` and
-``OUT/partial_labels.png``; the last printed line is one JSON object.
+each trained with every seed of ``TRAINING_SEEDS``. ``best.pt`` is chosen on validation cases split
+from the training phantoms (per-case 3D Dice); every arm is scored once, on fully labelled test
+phantoms (``utils.phantom.TEST_SEEDS["partial_labels"]``) never looked at while choosing anything.
 
-    python benchmarks/partial_labels.py [--out runs/partial_labels] [--quick]
+Reported: per organ and overall mean +- SD over seeds of the test-set Dice; a paired Wilcoxon
+signed-rank test over test cases (each case's Dice averaged over seeds) of marginal against
+seed_way and against marginal_only. Writes ``OUT/partial_labels.json`` and ``OUT/partial_labels.png``
+(``--chart`` also copies the chart there, e.g. ``docs/partial_labels.png``); the last printed line
+is one JSON object with one object per arm.
+
+    python benchmarks/partial_labels.py [--out runs/partial_labels] [--chart docs/partial_labels.png] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import shutil
@@ -28,107 +39,209 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.config import TrainConfig, with_partial_labels  # noqa: E402
-from training.demo import DEMO, TRAIN as DEMO_TRAIN  # noqa: E402
-from training.evaluate import boldness_report, evaluate_folders  # noqa: E402
+from training.evaluate import evaluate_folders  # noqa: E402
 from training.predict import predict_files  # noqa: E402
 from training.train import fit  # noqa: E402
-from training.visualization import dice_bar_chart  # noqa: E402
-from utils.labels import EXAMPLE_PKU_MAP, ORGANS, get_source  # noqa: E402
-from utils.phantom import write_phantom_dataset  # noqa: E402
+from training.visualization import dice_bar_chart, save_figure  # noqa: E402
+from utils.augment import AugmentParams  # noqa: E402
+from utils.files import json_safe, write_json  # noqa: E402
+from utils.labels import EXAMPLE_PKU_MAP, ORGANS, get_source, scoreable_classes  # noqa: E402
+from utils.phantom import TEST_SEEDS, write_phantom_dataset  # noqa: E402
 from utils.preprocess_data import PreprocessParams, preprocess_dataset  # noqa: E402
+from utils.statistics import mean_sd, paired_wilcoxon  # noqa: E402
 
-SOURCES = ("pku", "abdomenct1k")
+SOURCES = ("pku", "abdomenct1k", "totalseg")
 LABEL_MAPS = {"pku": EXAMPLE_PKU_MAP}  # the phantom writes the example map's PKU ids
-METHODS = {"seed_way": "seed_way", "marginal": "marginal", "full": "seed_way"}  # PARTIAL_LABEL_PRESETS
-# the demo's phantoms, model and loss (training/demo.py), with a budget that fits three runs
-# in 25 minutes on a 2-core CPU; each method sets its own partial-label switches
-SETTINGS = {**DEMO, "heldout_cases": 4}
-TRAIN = with_partial_labels(DEMO_TRAIN.replace(epochs=30), "seed_way")
-QUICK_SETTINGS = {"cases_per_source": 2, "heldout_cases": 1, "phantom_size": 64, "phantom_slices": 12,
-                  "target_size": 32}
-QUICK_TRAIN = {"features": [4, 8], "epochs": 1, "steps_per_epoch": 2, "batch_size": 4, "val_max_slices": 4}
+DATA_SEEDS = {"pku": 51, "abdomenct1k": 52, "totalseg": 53}  # this study's training phantoms only
+TEST_SEED = TEST_SEEDS["partial_labels"]
+ARMS = {"seed_way": ("partial", "seed_way"), "marginal_only": ("partial", "marginal_only"),
+        "marginal": ("partial", "marginal"), "full": ("full", "seed_way")}  # (training labels, preset)
+TRAINING_SEEDS = (0, 1, 2)
+SETTINGS = {"cases_per_source": 8, "test_cases": 10, "phantom_size": 128, "phantom_slices": 48,
+            "target_size": 128}
+# ONE configuration for every arm, fixed here before any run of this study and never changed
+# after looking at its results: the demo's quarter-width U-Net and Dice + CE, a budget that fits
+# 12 runs in under an hour on 2 CPU cores. Only the partial-label switches differ per arm.
+TRAIN = TrainConfig(
+    features=(16, 32, 64, 128), loss="dice_ce", epochs=20, steps_per_epoch=40, batch_size=16, lr=3e-3,
+    scheduler="cosine", val_fraction=0.1, val_max_slices=32, num_workers=0, augment=AugmentParams(rotate_deg=8.0),
+    exclusion="published", seed=0)
+# --quick: the same model, slice size and batch (so its per-step time predicts the full run's),
+# on few small phantoms, two seeds and 2 epochs of 4 steps (the second epoch's steps are timed)
+QUICK_SETTINGS = {"cases_per_source": 2, "test_cases": 2, "phantom_size": 64, "phantom_slices": 12}
+QUICK_TRAIN = {"epochs": 2, "steps_per_epoch": 4, "val_max_slices": 8}
+QUICK_SEEDS = (0, 1)
 
 
 def unannotated_organs() -> list[int]:
-    """Organs that at least one of the two sources leaves unannotated."""
-    annotated = [get_source(name, LABEL_MAPS.get(name)).annotated for name in SOURCES]
-    return [i for i in range(1, len(ORGANS)) if not all(i in a for a in annotated)]
-
-
-def trained_by() -> dict[int, str]:
-    """Which source's labels teach each organ in the partial setting."""
-    labels = {name: get_source(name, LABEL_MAPS.get(name)).annotated for name in SOURCES}
-    return {i: " + ".join(n for n in SOURCES if i in labels[n]) + (" only" if sum(i in a for a in labels.values()) == 1 else "")
-            for i in range(1, len(ORGANS))}
+    """Organs that at least one training source does not label with certainty (left out, or
+    part of a set-valued label)."""
+    certain = []
+    for name in SOURCES:
+        source = get_source(name, LABEL_MAPS.get(name))
+        scoreable = scoreable_classes(source.label_sets())
+        certain.append({organ for organ in source.annotated if scoreable[organ]})
+    return [organ for organ in range(1, len(ORGANS)) if not all(organ in c for c in certain)]
 
 
 def make_data(root: Path, settings: dict) -> dict[str, list[Path]]:
-    """Phantoms and preprocessed folders; returns the training folders for each method."""
+    """Phantoms (partial and full layouts of the same bodies) and the test set; returns the
+    preprocessed training folders of each kind of labels."""
     shape = {"size": settings["phantom_size"], "num_slices": settings["phantom_slices"], "progress": False}
     params = PreprocessParams(target_size=(settings["target_size"],) * 2)
     folders = {"partial": [], "full": []}
-    for seed, source in enumerate(SOURCES, start=11):
+    for source in SOURCES:
         for layout, kind in ((source, "partial"), ("full", "full")):
-            raw = root / "raw" / f"{source}_{layout}"
-            write_phantom_dataset(raw, settings["cases_per_source"], layout, seed=seed, **shape)
-            preprocess_dataset(layout, raw / "Image", raw / "Mask", root / "pre" / f"{source}_{layout}",
-                               params, label_map=LABEL_MAPS.get(layout), progress=False)
-            folders[kind].append(root / "pre" / f"{source}_{layout}")
-    write_phantom_dataset(root / "raw" / "heldout", settings["heldout_cases"], "full", seed=13, **shape)
-    return {"seed_way": folders["partial"], "marginal": folders["partial"], "full": folders["full"]}
+            raw, pre = root / "raw" / f"{source}_{layout}", root / "pre" / f"{source}_{layout}"
+            write_phantom_dataset(raw, settings["cases_per_source"], layout, seed=DATA_SEEDS[source], **shape)
+            manifest = preprocess_dataset(layout, raw / "Image", raw / "Mask", pre, params,
+                                          label_map=LABEL_MAPS.get(layout), progress=False)
+            if manifest["failed"]:
+                raise RuntimeError(f"preprocessing {raw} failed: {manifest['failed']}")
+            folders[kind].append(pre)
+    write_phantom_dataset(root / "raw" / "test", settings["test_cases"], "full", seed=TEST_SEED, **shape)
+    return folders
 
 
-def run_method(name: str, cfg: TrainConfig, data: list[Path], root: Path) -> dict:
-    """Train one way, predict and score the held-out phantoms."""
-    run, heldout = root / "runs" / name, root / "raw" / "heldout"
-    started = time.perf_counter()
-    fit(with_partial_labels(cfg, METHODS[name]), data, run, overwrite=True, progress=False)
-    predict_files(run / "checkpoints" / "last.pt", heldout / "Image", root / "pred" / name, progress=False)
-    scores = evaluate_folders(root / "pred" / name, heldout / "Mask", "full", root / "eval" / name, progress=False)
-    bold = boldness_report(root / "pred" / name, heldout / "Mask", trained_by())
-    return {"dice": scores["dice"], "mean_dice": scores["mean_dice"], "boldness": bold,
-            "seconds": round(time.perf_counter() - started, 1)}
+def run_arm(arm: str, seed: int, cfg: TrainConfig, folders: dict, root: Path) -> dict:
+    """Train one arm with one seed, predict the test phantoms with best.pt and score them.
+
+    Returns ``{"seed", "dice": {organ: mean over test cases}, "case_dice": {case: {organ: Dice}},
+    "seconds_per_step" (the last epoch's, warm), "seconds": {"fit", "predict", "evaluate"}}``.
+    """
+    labels, preset = ARMS[arm]
+    name = f"{arm}_seed{seed}"
+    run, test = root / "runs" / name, root / "raw" / "test"
+    seconds, started = {}, time.perf_counter()
+    last = fit(with_partial_labels(cfg.replace(seed=seed), preset), folders[labels], run, overwrite=True,
+               progress=False)
+    seconds["fit"], started = time.perf_counter() - started, time.perf_counter()
+    best = run / "checkpoints" / "best.pt"  # absent only if no validation case had a scoreable organ
+    predict_files(best if best.exists() else run / "checkpoints" / "last.pt", test / "Image", root / "pred" / name,
+                  progress=False)
+    seconds["predict"], started = time.perf_counter() - started, time.perf_counter()
+    summary = evaluate_folders(root / "pred" / name, test / "Mask", "full", root / "eval" / name, progress=False)
+    seconds["evaluate"] = time.perf_counter() - started
+    return {"seed": seed, "dice": summary["dice"], "case_dice": read_case_dice(root / "eval" / name / "metrics.csv"),
+            "seconds_per_step": cfg.batch_size / last["images_per_s"],
+            "seconds": {key: round(value, 2) for key, value in seconds.items()}}
 
 
-def mean_over(values: dict, organs: list[int]) -> float:
-    finite = [values[ORGANS[i]] for i in organs if values.get(ORGANS[i]) is not None
-              and not math.isnan(values[ORGANS[i]])]
-    return sum(finite) / len(finite) if finite else float("nan")
+def read_case_dice(metrics_csv: Path) -> dict[str, dict[str, float]]:
+    """``{case: {organ: Dice}}`` from evaluate's ``metrics.csv`` (empty cells are NaN)."""
+    result: dict[str, dict[str, float]] = {}
+    with open(metrics_csv, newline="") as handle:
+        for row in csv.DictReader(handle):
+            value = float(row["dice"]) if row["dice"] not in ("", "nan") else math.nan
+            result.setdefault(row["case"], {})[row["organ"]] = value
+    return result
+
+
+def organ_mean(dice: dict[str, float], organs: list[int]) -> float:
+    """Mean over `organs` of the finite values of ``{organ name: Dice}``; NaN if none."""
+    return mean_sd([dice.get(ORGANS[organ], math.nan) for organ in organs])["mean"]
+
+
+def summarize_arm(runs: list[dict], organs: list[int]) -> dict:
+    """Mean +- SD over seeds, overall (unannotated organs and all organs) and per organ."""
+    unannotated = [organ_mean(run["dice"], organs) for run in runs]
+    overall = [organ_mean(run["dice"], list(range(1, len(ORGANS)))) for run in runs]
+    per_organ = {name: mean_sd([run["dice"].get(name, math.nan) for run in runs]) for name in ORGANS[1:]}
+    return {"mean_dice_unannotated": mean_sd(unannotated)["mean"], "sd_dice_unannotated": mean_sd(unannotated)["sd"],
+            "mean_dice": mean_sd(overall)["mean"], "sd_dice": mean_sd(overall)["sd"], "n_seeds": len(runs),
+            "dice": {name: value["mean"] for name, value in per_organ.items()},
+            "sd": {name: value["sd"] for name, value in per_organ.items()},
+            "per_seed": [{"seed": run["seed"], "mean_dice_unannotated": value, "mean_dice": all_organs,
+                          "seconds": round(sum(run["seconds"].values()), 1)} for run, value, all_organs in zip(runs, unannotated, overall)]}
+
+
+def per_case_unannotated(runs: list[dict], organs: list[int]) -> dict[str, float]:
+    """Each test case's Dice over the unannotated organs, averaged over seeds: the paired values."""
+    cases = sorted(runs[0]["case_dice"])
+    return {case: mean_sd([organ_mean(run["case_dice"][case], organs) for run in runs])["mean"] for case in cases}
+
+
+def paired_tests(results: dict, organs: list[int]) -> dict:
+    """Wilcoxon signed-rank over test cases of marginal against seed_way and marginal_only."""
+    paired = {arm: per_case_unannotated(runs, organs) for arm, runs in results.items()}
+    cases = sorted(paired["marginal"])
+    tests = {}
+    for other in ("seed_way", "marginal_only"):
+        test = paired_wilcoxon([paired["marginal"][c] for c in cases], [paired[other][c] for c in cases])
+        tests[f"p_value_vs_{other}"] = test["p_value"]
+        tests[f"median_difference_vs_{other}"] = test["median_difference"]
+        tests["n_test_cases"] = test["n"]
+    return tests
+
+
+def estimate_minutes(results: dict, data_seconds: float, settings: dict, cfg: TrainConfig) -> float:
+    """Minutes the full study should take here, from this run's timings: training steps at the
+    measured (warm) seconds per step; the rest of each fit (validation, checkpoints) per
+    validation slice; prediction and scoring per test slice; data per phantom voxel. Fixed
+    costs are scaled too, so the estimate errs long."""
+    runs = [run for arm_runs in results.values() for run in arm_runs]
+    per_step = sorted(run["seconds_per_step"] for run in runs)[len(runs) // 2]
+    steps = cfg.epochs * cfg.steps_per_epoch
+    validation = sum(max(run["seconds"]["fit"] - steps * per_step, 0.0) for run in runs) / len(runs)
+    testing = sum(run["seconds"]["predict"] + run["seconds"]["evaluate"] for run in runs) / len(runs)
+    full = {**settings, **SETTINGS}
+
+    def validation_slices(values: dict, train: TrainConfig) -> float:  # per run
+        cases = max(round(3 * values["cases_per_source"] * train.val_fraction), 1)
+        return train.epochs * (cases * values["phantom_slices"] + train.val_max_slices)
+
+    def voxels(values: dict) -> float:
+        return (6 * values["cases_per_source"] + values["test_cases"]) * values["phantom_size"] ** 2 * values["phantom_slices"]
+
+    test_ratio = (full["test_cases"] * full["phantom_slices"]) / (settings["test_cases"] * settings["phantom_slices"])
+    per_run = (TRAIN.epochs * TRAIN.steps_per_epoch * per_step
+               + validation * validation_slices(full, TRAIN) / validation_slices(settings, cfg) + testing * test_ratio)
+    seconds = len(ARMS) * len(TRAINING_SEEDS) * per_run + data_seconds * voxels(full) / voxels(settings)
+    return round(seconds / 60, 1)
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/partial_labels"))
-    parser.add_argument("--quick", action="store_true", help="tiny smoke run")
+    parser.add_argument("--chart", type=Path, help="also save the chart here (e.g. docs/partial_labels.png)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: few small phantoms, 2 seeds, 8 steps")
     parser.add_argument("--keep", action="store_true", help="keep phantoms, runs and predictions")
     args = parser.parse_args(argv)
     settings = {**SETTINGS, **(QUICK_SETTINGS if args.quick else {})}
     cfg = TRAIN.replace(**(QUICK_TRAIN if args.quick else {}))
+    seeds = QUICK_SEEDS if args.quick else TRAINING_SEEDS
     work = args.out / "work"
     started = time.perf_counter()
-    data = make_data(work, settings)
-    results = {}
-    for name in METHODS:
-        results[name] = run_method(name, cfg, data[name], work)
-        print(f"{name}: mean Dice {results[name]['mean_dice']:.3f} ({results[name]['seconds']:.0f} s)", flush=True)
+    folders = make_data(work, settings)
+    data_seconds = time.perf_counter() - started
     organs = unannotated_organs()
-    unannotated = {name: mean_over(results[name]["dice"], organs) for name in METHODS}
-    dice_bar_chart({name: results[name]["dice"] for name in METHODS}, path=args.out / "partial_labels.png",
-                   title="Held-out Dice: seed's way vs marginal + exclusion vs fully labelled")
-    headline = {
-        "mean_dice_unannotated": unannotated,
-        "gain_on_unannotated": unannotated["marginal"] - unannotated["seed_way"],
-        "gap_to_full": unannotated["full"] - unannotated["marginal"],
-        "mean_dice": {name: results[name]["mean_dice"] for name in METHODS},
-        "unannotated_organs": [ORGANS[i] for i in organs],
-        "seconds": round(time.perf_counter() - started, 1),
-        "quick": args.quick,
-    }
-    report = {**headline, "settings": settings, "train": cfg.to_dict(), "methods": results}
-    (args.out / "partial_labels.json").write_text(json.dumps(report, indent=2))
+    results: dict[str, list[dict]] = {arm: [] for arm in ARMS}
+    for seed in seeds:
+        for arm in ARMS:
+            run = run_arm(arm, seed, cfg, folders, work)
+            results[arm].append(run)
+            print(f"{arm} seed {seed}: unannotated Dice {organ_mean(run['dice'], organs):.3f} "
+                  f"({sum(run['seconds'].values()):.0f} s, {run['seconds_per_step']:.2f} s/step)", flush=True)
+        if seed == seeds[0] and not args.quick:
+            print(f"estimated total: {estimate_minutes(results, data_seconds, settings, cfg):.0f} min",
+                  flush=True)
+    arms = {arm: summarize_arm(runs, organs) for arm, runs in results.items()}
+    arms["marginal"].update(paired_tests(results, organs))
+    chart = dice_bar_chart({arm: arms[arm]["dice"] for arm in ARMS}, errors={arm: arms[arm]["sd"] for arm in ARMS},
+                           title=f"Test-set Dice, mean +- SD over {len(seeds)} seeds "
+                                 f"({settings['test_cases']} test phantoms)")
+    save_figure(chart, args.out / "partial_labels.png")
+    if args.chart:
+        save_figure(chart, args.chart)
+    headline = {**arms, "unannotated_organs": [ORGANS[i] for i in organs], "training_seeds": list(seeds),
+                "test_seed": TEST_SEED, "test_cases": settings["test_cases"],
+                "seconds": round(time.perf_counter() - started, 1), "quick": args.quick,
+                "estimated_full_minutes": estimate_minutes(results, data_seconds, settings, cfg)}
+    write_json(args.out / "partial_labels.json", {**headline, "settings": settings, "train": cfg.to_dict(),
+                                                  "runs": results})
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps(headline))
+    print(json.dumps(json_safe(headline), allow_nan=False))
     return headline
 
 
