@@ -25,6 +25,7 @@ import torch
 from utils.augment import AugmentParams
 from utils.errors import UserError
 from utils.labels import DEFAULT_CLASS_WEIGHTS, NUM_CLASSES
+from utils.patients import PatientKeyError, compile_patient_regex, is_csv_key
 
 class ConfigError(UserError):
     """A configuration value or file that cannot be used; the message names the key."""
@@ -61,6 +62,8 @@ class TrainConfig:
     steps_per_epoch: int = 0          # 0 = one pass over the training slices
     val_fraction: float = 0.2         # fraction of cases (never slices) held out for validation
     val_max_slices: int = 0           # 0 = all validation slices
+    patient_key: str = ""             # keep a patient's scans on one side of the split: a regex over
+                                      # case ids with one group (r"^(PAT\d+)_") or a case,patient CSV
     # augmentation, applied on the training device to whole batches (utils/augment.py documents
     # each setting): --set augment.rotate_deg=5, augment.enabled=false; the seed's right-angle
     # rotations (augment.rot90_p) stay off: they erase the left/right and front/back position
@@ -153,6 +156,8 @@ def check_ranges(cfg: TrainConfig) -> None:
         ("val_max_slices", cfg.val_max_slices >= 0, ">= 0 (0 = all)"),
         ("num_workers", cfg.num_workers >= 0, ">= 0"), ("device", _is_device(cfg.device), "auto, cpu, cuda or cuda:N"),
         ("wandb_project", bool(cfg.wandb_project.strip()), "a non-empty name"),
+        ("patient_key", _is_patient_key(cfg.patient_key),
+         "a regular expression with exactly one group, or a .csv file with columns case,patient"),
     ]
     _raise_first(rules, lambda key: getattr(cfg, key))
 
@@ -185,6 +190,16 @@ def _raise_first(rules: list, value_of, prefix: str = "") -> None:
     for key, ok, rule in rules:
         if not ok:
             raise ConfigError(f"'{prefix}{key}' must be {rule}, got {value_of(key)!r}")
+
+
+def _is_patient_key(key: str) -> bool:
+    if not key or is_csv_key(key):
+        return True  # the CSV is read (and checked) when training starts
+    try:
+        compile_patient_regex(key)
+    except PatientKeyError:
+        return False
+    return True
 
 
 def _is_device(name: str) -> bool:

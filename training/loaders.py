@@ -17,6 +17,7 @@ from training.runtime import Runtime
 from utils.dataset import SliceDataset, resident_batch, split_cases
 from utils.geometry import PreprocessParams
 from utils.labels import ORGANS
+from utils.patients import patients_of, warn_identical_images
 
 
 def folder_list(data_dirs) -> list[Path]:
@@ -44,8 +45,12 @@ def epoch_batches(num_items: int, cfg: TrainConfig, epoch: int, rank: int = 0,
 
 
 def build_datasets(cfg: TrainConfig, cases: list[dict]) -> tuple[SliceDataset, SliceDataset]:
-    """Training and validation slices of ``utils.dataset.load_cases`` cases, split by case (never by slice)."""
-    train_cases, val_cases = split_cases(cases, cfg.val_fraction, cfg.seed)
+    """Training and validation slices of ``utils.dataset.load_cases`` cases, split by case (never
+    by slice) and by patient under ``cfg.patient_key``; identical images are warned about
+    (cases whose manifest records ``image_hash``)."""
+    patients = patients_of([case["case_id"] for case in cases], cfg.patient_key)
+    warn_identical_images({case["case_id"]: case["image_hash"] for case in cases if "image_hash" in case})
+    train_cases, val_cases = split_cases(cases, cfg.val_fraction, cfg.seed, patients)
     return (SliceDataset(train_cases, in_channels=cfg.in_channels),
             SliceDataset(val_cases, in_channels=cfg.in_channels))
 

@@ -62,19 +62,36 @@ def load_and_pair_files(path_or_paths) -> list[dict]:
     return load_cases(path_or_paths)
 
 
-def split_cases(cases: list[dict], test_size: float = 0.2, seed: int = 0) -> tuple[list[dict], list[dict]]:
+def split_cases(cases: list[dict], test_size: float = 0.2, seed: int = 0,
+                patients: dict[str, str] | None = None) -> tuple[list[dict], list[dict]]:
     """Split case records into (train, val) by case, deterministically from `seed`.
 
     The order of `cases` does not matter (they are sorted by case id first). With two or more
     cases and ``test_size > 0`` each side gets at least one case.
+
+    Args:
+        patients: optional ``{case id: patient}`` (``utils.patients.patients_of``): all cases of a
+            patient go to the same side. Patients are drawn in a seeded order until the
+            validation side holds at least ``round(test_size * cases)`` cases (never the last
+            patient, so training keeps one); with every case its own patient this is exactly
+            the split without `patients`.
     """
     ordered = sorted(cases, key=lambda case: case["case_id"])
     count = len(ordered)
     num_val = int(round(count * test_size))
     if test_size > 0 and count >= 2:
         num_val = min(max(num_val, 1), count - 1)
-    order = np.random.default_rng(seed).permutation(count)
-    val = set(order[:num_val].tolist())
+    patient_of = patients or {}
+    groups: dict[str, list[int]] = {}  # patient -> case indices, patients in order of first case
+    for index, case in enumerate(ordered):
+        groups.setdefault(patient_of.get(case["case_id"], case["case_id"]), []).append(index)
+    members = list(groups.values())
+    order = np.random.default_rng(seed).permutation(len(members))
+    val: set[int] = set()
+    for patient in order[:-1]:  # the last patient drawn always trains
+        if len(val) >= num_val:
+            break
+        val.update(members[patient])
     return ([case for i, case in enumerate(ordered) if i not in val],
             [case for i, case in enumerate(ordered) if i in val])
 

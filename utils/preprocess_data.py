@@ -24,6 +24,7 @@ from utils.geometry import (PreprocessError, PreprocessParams, distance_to_bound
                             preprocess_labels)
 from utils.labels import NUM_CLASSES, ORGANS, LabelSource, get_source, label_sets_to_lists
 from utils.errors import one_line_reason
+from utils.patients import array_hash
 from utils.output_folder import claim_output_folder
 from utils.preprocessed_folder import (MANIFEST_FILE, META_FILE, read_case_metas, remove_stale_temporaries,
                                        write_case_folder, write_manifest)
@@ -60,7 +61,7 @@ def preprocess_case(case_id: str, image_path, mask_path, source: LabelSource, pa
         "case_id": case_id, "source": source.name, "annotated": sorted(source.annotated),
         "label_sets": label_sets_to_lists(source.label_sets()),
         "image_file": str(Path(image_path).absolute()), "mask_file": str(Path(mask_path).absolute()),
-        "folder": case_id, "num_slices": int(num_slices),
+        "folder": case_id, "num_slices": int(num_slices), "image_hash": array_hash(image),
         "original": {"shape": list(volume.data.shape), "spacing": list(volume.spacing),
                      "affine": volume.affine.tolist()},
         "slice_presence": {ORGANS[c]: int(presence[:, c].sum()) for c in range(1, NUM_CLASSES)},

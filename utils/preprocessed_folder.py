@@ -11,7 +11,8 @@ Layout (what ``utils.preprocess_data.preprocess_dataset`` writes)::
 
 A case entry's ``"label_sets"`` lists, per stored label value, the classes it may be
 (``utils.labels.label_sets_to_lists`` of its source's ``label_sets()``); manifests written before
-it existed have only ``"annotated"``, from which the dataset rebuilds the sets.
+it existed have only ``"annotated"``, from which the dataset rebuilds the sets. ``"image_hash"``
+(``utils.patients.array_hash`` of ``image.npy``) lets training flag the same image under two ids.
 
 Plain ``.npy`` files, so the dataset memory-maps them. A case folder appears only complete (built
 under a hidden temporary name, ``utils.files.temporary_name``, and renamed), so a killed run
