@@ -39,6 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.config import TrainConfig, with_partial_labels  # noqa: E402
+from training.error_bars import add_error_bars  # noqa: E402
 from training.evaluate import evaluate_folders  # noqa: E402
 from training.predict import predict_files  # noqa: E402
 from training.train import fit  # noqa: E402
@@ -227,9 +228,10 @@ def main(argv=None) -> dict:
                   flush=True)
     arms = {arm: summarize_arm(runs, organs) for arm, runs in results.items()}
     arms["marginal"].update(paired_tests(results, organs))
-    chart = dice_bar_chart({arm: arms[arm]["dice"] for arm in ARMS}, errors={arm: arms[arm]["sd"] for arm in ARMS},
+    chart = dice_bar_chart({arm: arms[arm]["dice"] for arm in ARMS},  # every organ, in id order
                            title=f"Test-set Dice, mean +- SD over {len(seeds)} seeds "
                                  f"({settings['test_cases']} test phantoms)")
+    add_error_bars(chart, [[arms[arm]["sd"][name] for name in ORGANS[1:]] for arm in ARMS])
     save_figure(chart, args.out / "partial_labels.png")
     if args.chart:
         save_figure(chart, args.chart)

@@ -105,12 +105,16 @@ def test_dice_bar_chart_single_and_grouped(tmp_path):
     viz.dice_bar_chart({})
 
 
-def test_dice_bar_chart_error_bars_span_the_spread():
-    means = {"a": {"liver": 0.8, "spleen": 0.5}, "b": {"liver": 0.9}}
-    fig = viz.dice_bar_chart(means, errors={"a": {"liver": 0.1, "spleen": float("nan")}})
+def test_error_bars_span_the_spread():
+    from training.error_bars import add_error_bars
+
+    fig = viz.dice_bar_chart({"a": {"liver": 0.8, "spleen": 0.5}, "b": {"liver": 0.9, "spleen": 0.6}})
+    add_error_bars(fig, [[0.1, float("nan")], [0.0, 0.05]])  # organ id order: liver (5), spleen (10)
     bars = [line for collection in fig.axes[0].collections for line in collection.get_segments()]
     spans = sorted(round(float(segment[1][1] - segment[0][1]), 6) for segment in bars)
-    assert spans == [0.0, 0.2]  # liver 0.8 +- 0.1; a NaN spread draws nothing; series b has none
+    assert spans == [0.0, 0.0, 0.1, 0.2]  # liver a 0.8 +- 0.1, spleen b 0.6 +- 0.05; NaN and 0 draw nothing
+    with pytest.raises(ValueError, match="do not match"):
+        add_error_bars(fig, [[0.1]])
 
 
 def test_training_curves_from_csv_strings(tmp_path):

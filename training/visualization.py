@@ -199,8 +199,7 @@ def choose_slices(labels: np.ndarray | None, depth: int, num_slices: int) -> lis
     return [int(candidates[i]) for i in np.unique(picks)]
 
 
-def dice_bar_chart(per_organ: dict, path=None, title: str = "", ylabel: str = "Dice",
-                   errors: dict | None = None) -> Figure:
+def dice_bar_chart(per_organ: dict, path=None, title: str = "", ylabel: str = "Dice") -> Figure:
     """Bar chart of a score per organ, one series or several side by side.
 
     Args:
@@ -210,7 +209,6 @@ def dice_bar_chart(per_organ: dict, path=None, title: str = "", ylabel: str = "D
             NaN values are marked "n/a".
         path: if given, also saved there as PNG (atomically).
         title, ylabel: texts.
-        errors: optional error-bar half-lengths (e.g. SD over seeds), shaped like `per_organ`.
 
     Returns:
         A matplotlib Figure. Bars take the organ colours; in a grouped chart the series differ
@@ -218,7 +216,6 @@ def dice_bar_chart(per_organ: dict, path=None, title: str = "", ylabel: str = "D
     """
     grouped = bool(per_organ) and all(isinstance(v, dict) for v in per_organ.values())
     series = per_organ if grouped else {"": per_organ}
-    spreads = (errors if grouped else {"": errors}) if errors else {}
     organs = _ordered_keys(k for values in series.values() for k in values)
     width = 0.8 / len(series)
     fig = Figure(figsize=(max(6.0, 0.75 * len(organs) * max(1, len(series) ** 0.5) + 2), 4.2),
@@ -229,9 +226,6 @@ def dice_bar_chart(per_organ: dict, path=None, title: str = "", ylabel: str = "D
         heights = np.array([_as_float(values.get(o)) for o in organs])
         bars = ax.bar(x, np.nan_to_num(heights), width * 0.95, color=[_key_color(o) for o in organs],
                       edgecolor="black", linewidth=0.6, hatch=SERIES_HATCHES[s % len(SERIES_HATCHES)])
-        if series_name in spreads:
-            spread = np.nan_to_num([_as_float(spreads[series_name].get(o)) for o in organs])
-            ax.errorbar(x, np.nan_to_num(heights), yerr=spread, fmt="none", ecolor="black", elinewidth=0.8, capsize=2)
         labels = ["n/a" if np.isnan(h) else f"{h:.2f}" for h in heights]
         ax.bar_label(bars, labels=labels, fontsize=7 if grouped else 8, padding=2,
                      rotation=90 if grouped and len(series) > 2 else 0)
@@ -276,8 +270,7 @@ def training_curves(rows: list[dict], path=None, title: str = "") -> Figure:
     fig = Figure(figsize=(4.2 * (3 if has_lr else 2), 3.6), layout="constrained")
     axes = fig.subplots(1, 3 if has_lr else 2)
     panels = [("Loss", [("train_loss", "train"), ("val_loss", "validation")], "linear"),
-              ("Validation mean Dice", [("val_mean_dice", "slice Dice"),
-                                        ("val_case_dice", "per-case 3D Dice")], "linear")]
+              ("Validation Dice", [("val_mean_dice", "slice"), ("val_case_dice", "per-case 3D")], "linear")]
     if has_lr:
         panels.append(("Learning rate", [("lr", "lr")], "log"))
     for ax, (panel_title, keys, scale) in zip(axes, panels):
