@@ -28,7 +28,7 @@ Each measurement runs in a fresh subprocess, so ``peak_rss_mb_*`` (the child's o
     when installed; ``quantize_seconds`` is the one-time quantization, cached afterwards), then
     ``auto`` once more (``precision_auto``: what the calibration chose); ``auto_fraction_of_best``
     is the fastest forced time over auto's. With ``--dice-checkpoint`` a trained model's mean
-    held-out Dice in fp32 and int8 (``dice_by_precision``).
+    test-set Dice in fp32 and int8 (``dice_by_precision``; the demo's test phantoms).
 
 The run has its own calibration/int8 cache (``ABDOSEG_CACHE_DIR`` in its temporary folder): the
 parent calibrates first (``calibration`` in the JSON), and the children find the choice cached.
@@ -37,7 +37,7 @@ Usage::
 
     python benchmarks/inference.py                      # 200 and 600 slices, CPU: ~8 minutes
     python benchmarks/inference.py --dice-checkpoint runs/demo/run/checkpoints/best.pt \
-        --dice-images runs/demo/raw/heldout/Image --dice-masks runs/demo/raw/heldout/Mask
+        --dice-images runs/demo/raw/test/Image --dice-masks runs/demo/raw/test/Mask
     python benchmarks/inference.py --device cuda
     python benchmarks/inference.py --quick              # 128 x 128 x (20, 40), seconds
 
@@ -120,7 +120,7 @@ def quantize_once(checkpoint: Path) -> dict:
 
 
 def dice_by_precision(checkpoint: Path, images: Path, masks: Path, out: Path, device: str) -> dict:
-    """Mean held-out 3D Dice of fp32 and int8 predictions (``evaluate_folders``, full labels)."""
+    """Mean test-set 3D Dice of fp32 and int8 predictions (``evaluate_folders``, full labels)."""
     from training.evaluate import evaluate_folders
     dice = {}
     for precision in ("fp32", "int8"):

@@ -6,7 +6,8 @@ remaps the ground truth from its source's ids to ours (``utils.labels``), and wr
 
 - ``metrics.csv``: one row per case and organ (columns of :func:`evaluate_case` plus ``case``
   and ``slice_dice``);
-- ``summary.json``: per-organ means over cases and the overall ``mean_dice``;
+- ``summary.json``: per-organ summaries over cases (:func:`summarize`), the overall
+  ``mean_dice``, the organs not scored and the conventions below in words (``conventions``);
 - ``dice_per_organ.png``: the per-organ mean Dice as a bar chart.
 
 Conventions (the metric functions are in ``utils/metrics.py``):
