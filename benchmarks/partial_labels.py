@@ -94,13 +94,15 @@ def make_data(root: Path, settings: dict) -> dict[str, list[Path]]:
     for source in SOURCES:
         for layout, kind in ((source, "partial"), ("full", "full")):
             raw, pre = root / "raw" / f"{source}_{layout}", root / "pre" / f"{source}_{layout}"
-            write_phantom_dataset(raw, settings["cases_per_source"], layout, seed=DATA_SEEDS[source], **shape)
+            write_phantom_dataset(raw, settings["cases_per_source"], layout, seed=DATA_SEEDS[source], **shape,
+                                  overwrite=True)
             manifest = preprocess_dataset(layout, raw / "Image", raw / "Mask", pre, params,
-                                          label_map=LABEL_MAPS.get(layout), progress=False)
+                                          label_map=LABEL_MAPS.get(layout), progress=False, overwrite=True)
             if manifest["failed"]:
                 raise RuntimeError(f"preprocessing {raw} failed: {manifest['failed']}")
             folders[kind].append(pre)
-    write_phantom_dataset(root / "raw" / "test", settings["test_cases"], "full", seed=TEST_SEED, **shape)
+    write_phantom_dataset(root / "raw" / "test", settings["test_cases"], "full", seed=TEST_SEED, **shape,
+                          overwrite=True)
     return folders
 
 
@@ -119,9 +121,10 @@ def run_arm(arm: str, seed: int, cfg: TrainConfig, folders: dict, root: Path) ->
     seconds["fit"], started = time.perf_counter() - started, time.perf_counter()
     best = run / "checkpoints" / "best.pt"  # absent only if no validation case had a scoreable organ
     predict_files(best if best.exists() else run / "checkpoints" / "last.pt", test / "Image", root / "pred" / name,
-                  progress=False)
+                  progress=False, overwrite=True)
     seconds["predict"], started = time.perf_counter() - started, time.perf_counter()
-    summary = evaluate_folders(root / "pred" / name, test / "Mask", "full", root / "eval" / name, progress=False)
+    summary = evaluate_folders(root / "pred" / name, test / "Mask", "full", root / "eval" / name, progress=False,
+                               overwrite=True)
     seconds["evaluate"] = time.perf_counter() - started
     return {"seed": seed, "dice": summary["dice"], "case_dice": read_case_dice(root / "eval" / name / "metrics.csv"),
             "seconds_per_step": cfg.batch_size / last["images_per_s"],

@@ -101,6 +101,9 @@ def test_a_second_run_into_a_locked_run_folder_is_refused(tiny_data, tmp_path):
 # --------------------------------------------------------------------------- evaluation counts every case
 
 
+MISS_PENALTY = (8 ** 2 + 8 ** 2 + 4 ** 2) ** 0.5  # the 8 x 8 x 4 grid's diagonal at 1 mm
+
+
 @pytest.fixture
 def folders(tmp_path):
     labels = np.zeros((8, 8, 4), np.uint8)
@@ -128,6 +131,7 @@ def test_missing_as_miss_scores_a_complete_miss_in_strict_json(folders, capsys):
         raise AssertionError(f"{name} in summary.json")
     summary = json.loads((folders / "eval" / "summary.json").read_text(), parse_constant=no_constants)
     assert summary["cases"] == 2 and summary["dice"]["liver"] == 0.5  # (1 + 0) / 2, not 1 over one case
-    assert summary["missing_predictions"] == ["Case_00002"] and summary["hd95_mm"]["liver"] == 0.0
-    assert summary["hd95_missed"]["liver"] == 1  # the miss has no HD95; the count says one case is left out
+    assert summary["missing_predictions"] == ["Case_00002"] and summary["hd95_detected_mm"]["liver"] == 0.0
+    # the miss is counted, and in the mean it is the volume diagonal (training.evaluate's conventions)
+    assert summary["hd95_missed"]["liver"] == 1 and summary["hd95_mm"]["liver"] == pytest.approx(MISS_PENALTY / 2)
     assert summary["dice"]["spleen"] is None  # absent organ: null, never NaN
