@@ -318,7 +318,8 @@ def run_evaluate(args) -> int:
 def run_demo(args) -> int:
     from training.config import parse_set
     from training.demo import run_demo as demo
-    demo(args.out, quick=args.quick, overrides=parse_set(args.set), overwrite=args.overwrite)
+    demo(args.out, quick=args.quick, overrides=parse_set(args.set), overwrite=args.overwrite,
+         progress=progress_wanted(args))
     return 0
 
 

@@ -66,7 +66,7 @@ def timed(seconds: dict, stage: str):
 
 
 def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, overrides: dict | None = None,
-             overwrite: bool = False) -> dict:
+             overwrite: bool = False, progress: bool = True) -> dict:
     """Run phantom -> preprocess -> train -> predict -> evaluate; returns the summary dict.
 
     `out_dir` is claimed as a ``demo`` output folder (``utils.output_folder``), each step's
@@ -82,26 +82,24 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, overrides: 
     raw, pre = out / "raw", out / "preprocessed"
     params = PreprocessParams(target_size=(demo["target_size"],) * 2)
     shape = {"size": demo["phantom_size"], "num_slices": demo["phantom_slices"], "workers": demo["workers"]}
+    steps = {"overwrite": overwrite, "progress": progress}  # every step's own folder and progress bars
     with timed(seconds, "phantom"):
         for source in ("pku", "abdomenct1k"):
-            write_phantom_dataset(raw / source, demo["cases_per_source"], source, PHANTOM_SEEDS[source], **shape,
-                                  overwrite=overwrite)
-        write_phantom_dataset(raw / "test", demo["heldout_cases"], "full", TEST_SEEDS["demo"], **shape,
-                              overwrite=overwrite)
+            write_phantom_dataset(raw / source, demo["cases_per_source"], source, PHANTOM_SEEDS[source],
+                                  **shape, **steps)
+        write_phantom_dataset(raw / "test", demo["heldout_cases"], "full", TEST_SEEDS["demo"], **shape, **steps)
     with timed(seconds, "preprocess"):
         for source in ("pku", "abdomenct1k"):
             preprocess_dataset(source, raw / source / "Image", raw / source / "Mask", pre / source, params,
-                               label_map=EXAMPLE_PKU_MAP if source == "pku" else None, workers=demo["workers"],
-                               overwrite=overwrite)
+                               label_map=EXAMPLE_PKU_MAP if source == "pku" else None, workers=demo["workers"], **steps)
     with timed(seconds, "train"):
-        fit(cfg, [pre / "pku", pre / "abdomenct1k"], out / "run", overwrite=overwrite)
+        fit(cfg, [pre / "pku", pre / "abdomenct1k"], out / "run", **steps)
     with timed(seconds, "predict"):
         best = out / "run" / "checkpoints" / "best.pt"
         predict_files(best if best.exists() else best.with_name("last.pt"), raw / "test" / "Image",
-                      out / "predictions", device=cfg.device, overwrite=overwrite)
+                      out / "predictions", device=cfg.device, **steps)
     with timed(seconds, "evaluate"):
-        metrics = evaluate_folders(out / "predictions", raw / "test" / "Mask", "full", out / "evaluation",
-                                   overwrite=overwrite)
+        metrics = evaluate_folders(out / "predictions", raw / "test" / "Mask", "full", out / "evaluation", **steps)
     with timed(seconds, "pictures"):
         picture = draw_example(raw / "test", out / "predictions", out / "example_slices.png")
     summary = {
