@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from utils.errors import UserError
-from utils.volume_io import Volume, _check_ct_intensities, _check_finite, _scale_to_hu, _to_canonical
+from utils.volume_io import Volume, check_ct_intensities, check_finite, scale_to_hu, to_canonical
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 SPACING_TOLERANCE = 0.01  # relative: slice gaps may differ by 1% (rounding), not by a missing slice
@@ -104,10 +104,10 @@ def load_dicom_series(folder, check_intensity: bool = True) -> tuple[Volume, lis
     datasets.sort(key=lambda ds: float(np.dot(_position(ds), normal)))
     slice_step = _slice_step(folder, datasets, normal)
     raw, slope, intercept = _pixels(folder, datasets)  # (columns, rows, slices) series order
-    hu = _scale_to_hu(raw, slope, intercept) if np.isscalar(slope) else _scale_per_slice(raw, slope, intercept)
-    _check_finite(folder, hu)
+    hu = scale_to_hu(raw, slope, intercept) if np.isscalar(slope) else _scale_per_slice(raw, slope, intercept)
+    check_finite(folder, hu)
     if check_intensity:
-        _check_ct_intensities(folder, hu, raw.dtype)
+        check_ct_intensities(folder, hu, raw.dtype)
     row_spacing, column_spacing = (float(s) for s in datasets[0].PixelSpacing)
     affine_lps = np.eye(4)
     affine_lps[:3, 0] = row_cosines * column_spacing  # i: along a row (to the next column)
@@ -115,7 +115,7 @@ def load_dicom_series(folder, check_intensity: bool = True) -> tuple[Volume, lis
     affine_lps[:3, 2] = slice_step
     affine_lps[:3, 3] = _position(datasets[0])
     original_affine = LPS_TO_RAS @ affine_lps
-    data, affine = _to_canonical(hu, original_affine)
+    data, affine = to_canonical(hu, original_affine)
     spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
     volume = Volume(data=data, spacing=spacing, affine=affine, original_affine=original_affine,
                     original_shape=tuple(int(s) for s in hu.shape), path=str(folder))

@@ -110,12 +110,12 @@ def load_ct(path, check_intensity: bool = True) -> Volume:
             unsupported datatype or scaling, a singular affine, not 3D, NaN/inf voxels, or not CT.
     """
     contents = _read_nifti(path)
-    hu = _scale_to_hu(contents.raw, contents.slope, contents.inter)
-    _check_finite(path, hu, contents.slope, contents.inter)
+    hu = scale_to_hu(contents.raw, contents.slope, contents.inter)
+    check_finite(path, hu, contents.slope, contents.inter)
     if check_intensity:
-        _check_ct_intensities(path, hu, contents.disk_dtype)
+        check_ct_intensities(path, hu, contents.disk_dtype)
     _warn_about_orientation(path, contents.header, contents.affine)
-    data, affine = _to_canonical(hu, contents.affine)
+    data, affine = to_canonical(hu, contents.affine)
     spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
     return Volume(data=data, spacing=spacing, affine=affine, original_affine=contents.affine.copy(),
                   original_shape=tuple(int(s) for s in contents.raw.shape), path=str(path))
@@ -136,8 +136,8 @@ def load_mask(path, reference: Volume) -> np.ndarray:
     """
     contents = _read_nifti(path)
     labels = _apply_scaling(contents.raw, contents.slope, contents.inter)
-    _check_finite(path, labels, contents.slope, contents.inter)
-    labels, affine = _to_canonical(labels, contents.affine)
+    check_finite(path, labels, contents.slope, contents.inter)
+    labels, affine = to_canonical(labels, contents.affine)
     affine_difference = float(np.abs(affine - reference.affine).max())
     if labels.shape != reference.data.shape or affine_difference > MASK_GRID_ATOL_MM:
         raise NiftiError(path, f"mask grid differs from its image {reference.path}: canonical shape "
@@ -287,13 +287,13 @@ def _apply_integer_scaling(raw: np.ndarray, slope: int, inter: int) -> np.ndarra
     return out
 
 
-def _scale_to_hu(raw: np.ndarray, slope: float, inter: float) -> np.ndarray:
+def scale_to_hu(raw: np.ndarray, slope: float, inter: float) -> np.ndarray:
     """HU as int16 when exact, else float32 (never wider integers: float32 holds them exactly)."""
     hu = _apply_scaling(raw, slope, inter)
     return hu if hu.dtype in (np.int16, np.float32) else hu.astype(np.float32)
 
 
-def _check_finite(path, array: np.ndarray, slope: float = 1.0, inter: float = 0.0) -> None:
+def check_finite(path, array: np.ndarray, slope: float = 1.0, inter: float = 0.0) -> None:
     if array.dtype.kind == "f":
         bad = array.size - int(np.count_nonzero(np.isfinite(array)))
         if bad:
@@ -301,7 +301,7 @@ def _check_finite(path, array: np.ndarray, slope: float = 1.0, inter: float = 0.
             raise NiftiError(path, f"{bad} of {array.size} voxels are NaN or inf{scaled}")
 
 
-def _check_ct_intensities(path, hu: np.ndarray, disk_dtype: np.dtype) -> None:
+def check_ct_intensities(path, hu: np.ndarray, disk_dtype: np.dtype) -> None:
     """Refuse values that cannot be CT in HU (thresholds in the module docstring)."""
     low, high = float(hu.min()), float(hu.max())
     stored = f"stored as {disk_dtype}"
@@ -329,7 +329,7 @@ def _warn_about_orientation(path, header, affine: np.ndarray) -> None:
                       "the original affine", UserWarning, stacklevel=3)
 
 
-def _to_canonical(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def to_canonical(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """File-order ``(I, J, K)`` -> closest-canonical RAS+ ``(X, Y, Z)`` and its affine.
 
     Same as ``nib.as_closest_canonical``; the result is Fortran-ordered, as NIfTI stores it,
