@@ -123,3 +123,25 @@ def test_validate_cases_is_per_case_3d_dice(tmp_path):
     assert row["case_dice_kidney"] == 0.0  # case a: absent from both, NaN; case b: 0
     assert row["val_case_dice"] == pytest.approx((0.8 + 0.0) / 2)  # case a: liver only; b: mean(0, 0)
     assert np.isnan(row["case_dice_spleen"])  # not annotated anywhere
+
+
+def test_validate_cases_max_cases_scores_an_evenly_spaced_subset(tmp_path):
+    volumes = []
+    for index in range(5):  # case k is liver in its first k + 1 of 5 slices; predicting liver everywhere
+        volume = np.zeros((5, 4, 4), dtype=np.uint8)  # gives Dice 2 (k + 1) / (k + 1 + 5)
+        volume[: index + 1] = LIVER
+        volumes.append(_case(tmp_path, f"c{index}", volume, [LIVER]))
+    dataset = SliceDataset(volumes)
+    model, rt = _Everywhere(LIVER), Runtime(torch.device("cpu"), None)
+    every = validate_cases(model, dataset, NUM_CLASSES, 2, rt)
+    three = validate_cases(model, dataset, NUM_CLASSES, 2, rt, max_cases=3)  # cases 0, 2, 4
+    dice = [2 * (k + 1) / (k + 6) for k in range(5)]
+    assert every["val_cases"] == 5 and every["val_case_dice"] == pytest.approx(np.mean(dice))
+    assert three["val_cases"] == 3 and three["val_case_dice"] == pytest.approx(np.mean(dice[::2]))
+    assert validate_cases(model, dataset, NUM_CLASSES, 2, rt, max_cases=9)["val_cases"] == 5
+
+
+def test_val_max_cases_is_a_validated_config_field():
+    assert TrainConfig(val_max_cases=4).val_max_cases == 4
+    with pytest.raises(ConfigError, match="val_max_cases"):
+        TrainConfig(val_max_cases=-1)

@@ -61,7 +61,8 @@ class TrainConfig:
     grad_clip: float = 0.0            # max grad norm; 0 = off
     steps_per_epoch: int = 0          # 0 = one pass over the training slices
     val_fraction: float = 0.2         # fraction of cases (never slices) held out for validation
-    val_max_slices: int = 0           # 0 = all validation slices
+    val_max_slices: int = 0           # 0 = all validation slices (the slice loss and Dice)
+    val_max_cases: int = 0            # 0 = all validation cases (the 3D Dice that picks best.pt)
     patient_key: str = ""             # keep a patient's scans on one side of the split: a regex over
                                       # case ids with one group (r"^(PAT\d+)_") or a case,patient CSV
     # augmentation, applied on the training device to whole batches (utils/augment.py documents
@@ -154,6 +155,7 @@ def check_ranges(cfg: TrainConfig) -> None:
         ("steps_per_epoch", cfg.steps_per_epoch >= 0, ">= 0 (0 = one pass)"),
         ("val_fraction", 0 <= cfg.val_fraction < 1, "in [0, 1)"),
         ("val_max_slices", cfg.val_max_slices >= 0, ">= 0 (0 = all)"),
+        ("val_max_cases", cfg.val_max_cases >= 0, ">= 0 (0 = all)"),
         ("num_workers", cfg.num_workers >= 0, ">= 0"), ("device", _is_device(cfg.device), "auto, cpu, cuda or cuda:N"),
         ("wandb_project", bool(cfg.wandb_project.strip()), "a non-empty name"),
         ("patient_key", _is_patient_key(cfg.patient_key),

@@ -35,10 +35,10 @@ def predict_case_volume(model, dataset: SliceDataset, case: int, batch_size: int
 
 @torch.inference_mode()
 def validate_cases(model, dataset: SliceDataset, num_classes: int, batch_size: int, rt: Runtime,
-                   channels_last: bool = False) -> dict:
+                   channels_last: bool = False, max_cases: int = 0) -> dict:
     """Mean over validation cases of the per-case mean 3D Dice over scoreable organs.
 
-    Cases are shared out over the processes (case ``k`` on rank ``k % world_size``) and the sums
+    ``max_cases`` > 0 scores that many cases, evenly spaced and the same every epoch. Cases are shared out over the processes (case ``k`` on rank ``k % world_size``) and the sums
     reduced, so every process returns the same numbers.
 
     Returns:
@@ -48,7 +48,8 @@ def validate_cases(model, dataset: SliceDataset, num_classes: int, batch_size: i
     model.eval()
     # (organs, 2): sum of Dice and count per organ; one extra row for the per-case means
     totals = torch.zeros(num_classes, 2, dtype=torch.float64, device=rt.device)
-    for case in range(rt.rank, len(dataset.cases), rt.world_size):
+    cases = evenly_spaced(len(dataset.cases), max_cases)
+    for case in cases[rt.rank::rt.world_size]:
         pred = predict_case_volume(model, dataset, case, batch_size, rt, channels_last)
         reference = np.asarray(dataset.arrays(case)["label"])
         dice = case_dice_3d(pred, reference, dataset.label_sets[case], num_classes)  # (C - 1,)
@@ -64,3 +65,10 @@ def validate_cases(model, dataset: SliceDataset, num_classes: int, batch_size: i
     for organ in range(1, num_classes):
         row[f"case_dice_{ORGANS[organ]}"] = means[organ]
     return row
+
+
+def evenly_spaced(count: int, limit: int) -> list[int]:
+    """``limit`` indices out of ``range(count)``, evenly spaced (all of them if ``limit`` is 0)."""
+    if not limit or limit >= count:
+        return list(range(count))
+    return [int(i) for i in np.linspace(0, count - 1, limit).round()]
