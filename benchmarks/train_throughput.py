@@ -356,6 +356,7 @@ def summarize(args, base, sizes, device, peaks, peak, plain, fast, calibration, 
         "plain_fp32_infer_fraction_of_fp32_matmul_peak": fraction(plain["infer"], flops_forward, peak["fp32"])
         if plain else None,
         "auto_train_precision": auto_amp, "auto_predict_precision": calibration["predict"]["precision"],
+        "auto_channels_last": {purpose: choice.get("channels_last") for purpose, choice in calibration.items()},
         "auto_fraction_of_best": round(fast[auto_amp]["train"] / best_train, 4),
         "auto_infer_fraction_of_best": round(fast[auto_infer]["infer"] / best_infer, 4),
         "by_precision": {amp: {"train_images_per_s": round(run["train"], 2),

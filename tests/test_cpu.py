@@ -28,7 +28,7 @@ class FakeMeasure:
 
     def __call__(self, features, in_channels, purpose, candidates):
         self.calls += 1
-        return {name: self.seconds[name] for name in candidates}
+        return {name: value for name, value in self.seconds.items() if name.split("/")[0] in candidates}
 
 
 def choose(measure, **kwargs):
@@ -45,6 +45,18 @@ def test_choice_follows_the_faster_measurement(cache, seconds, expected):
     assert choice.dtype == (torch.bfloat16 if expected == "bf16" else None)
     assert len(lines) == 1
     assert f"train): {expected}," in lines[0] and f"fp32 {1000 * seconds['fp32']:.1f} ms" in lines[0]
+
+
+def test_the_layout_is_chosen_with_the_precision(cache):
+    seconds = {"fp32": 0.030, "fp32/contiguous": 0.020, "bf16": 0.025, "bf16/contiguous": 0.040}
+    choice, lines = choose(FakeMeasure(seconds))
+    assert (choice.precision, choice.channels_last, choice.dtype) == ("fp32", False, None)
+    assert "channels_last=False" in lines[0]
+    cached, _ = choose(FakeMeasure(seconds))
+    assert (cached.how, cached.precision, cached.channels_last) == ("cache", "fp32", False)
+    faster_channels_last = {**seconds, "bf16": 0.010}
+    choice, _ = choose(FakeMeasure(faster_channels_last), features=(8, 32))
+    assert (choice.precision, choice.channels_last) == ("bf16", True)
 
 
 def test_int8_can_win_for_prediction(cache):
@@ -147,6 +159,18 @@ def test_select_amp_forces_and_measures_on_cpu(monkeypatch):
     assert calls[-1] == ((8, 16), "predict", ("fp32",))
 
 
+@pytest.mark.parametrize("measured_layout, allowed, expected", [(False, True, False), (True, True, True),
+                                                                (True, False, False)])
+def test_select_precision_takes_the_measured_layout_only_under_auto(monkeypatch, measured_layout, allowed,
+                                                                    expected):
+    monkeypatch.setattr(train, "choose_cpu_precision",
+                        lambda *a, **k: cpu.PrecisionChoice("bf16", measured_layout, "train", "measured"))
+    cpu_device, cfg = torch.device("cpu"), train.TrainConfig(features=(8, 16), channels_last=allowed)
+    assert train.select_precision(cpu_device, cfg) == (torch.bfloat16, expected)
+    # forced precision: the config's layout as set, nothing measured
+    assert train.select_precision(cpu_device, cfg.replace(amp="fp32")) == (None, allowed)
+
+
 def test_usable_cpu_count_follows_affinity_and_quota(monkeypatch, tmp_path):
     read_quota = cpu.cgroup_cpu_quota
     monkeypatch.setattr(cpu.os, "sched_getaffinity", lambda pid: {0, 2, 5})
@@ -186,5 +210,5 @@ def test_probe_shapes_use_the_model_widths():
 @pytest.mark.parametrize("purpose", ["train", "predict"])
 def test_real_measurement_times_every_candidate(purpose):
     seconds = cpu.measure_candidates((4, 8), 1, purpose, ("fp32", "bf16"), budget_seconds=0.0)
-    assert set(seconds) == {"fp32", "bf16"}
+    assert set(seconds) == {"fp32", "bf16", "fp32/contiguous", "bf16/contiguous"}
     assert all(0 < value < math.inf for value in seconds.values())

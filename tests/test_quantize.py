@@ -93,17 +93,21 @@ def test_calibration_batches_are_preprocessed_slices():
 def test_prediction_model_choices(monkeypatch):
     cfg, params, cpu = TrainConfig(features=(4, 8)), PreprocessParams(target_size=(32, 32)), torch.device("cpu")
     model = build_model(cfg).eval()
-    assert quantize.prediction_model(model, cfg, params, cpu, "bf16")[1:] == (torch.bfloat16, "bf16")
-    assert quantize.prediction_model(model, cfg, params, cpu, "fp32")[1:] == (None, "fp32")
-    int8, dtype, name = quantize.prediction_model(model, cfg, params, cpu, "int8")
+    assert quantize.prediction_model(model, cfg, params, cpu, "bf16")[1:3] == (torch.bfloat16, "bf16")
+    assert quantize.prediction_model(model, cfg, params, cpu, "fp32")[1:3] == (None, "fp32")
+    int8, dtype, name, _ = quantize.prediction_model(model, cfg, params, cpu, "int8")
     assert isinstance(int8, quantize.OnnxModel) and (dtype, name) == (None, "int8")
     measured = []
     monkeypatch.setattr("training.cpu.choose_cpu_precision",
                         lambda *a, **k: measured.append(a) or PrecisionChoice("int8", True, "predict", "measured"))
     assert quantize.prediction_model(model, cfg, params, cpu, "auto")[2] == "int8"
     assert measured == [((4, 8), 1, "predict")]
+    monkeypatch.setattr("training.cpu.choose_cpu_precision",
+                        lambda *a, **k: PrecisionChoice("bf16", False, "predict", "measured"))
+    assert quantize.prediction_model(model, cfg, params, cpu, "auto")[1:] == (torch.bfloat16, "bf16", False)
+    assert quantize.prediction_model(model, cfg, params, cpu, "fp32")[3] is True  # forced: the config's layout
     # a checkpoint trained with amp forced keeps it under auto
-    assert quantize.prediction_model(model, cfg.replace(amp="off"), params, cpu, "auto")[1:] == (None, "fp32")
+    assert quantize.prediction_model(model, cfg.replace(amp="off"), params, cpu, "auto")[1:3] == (None, "fp32")
     with pytest.raises(UserError, match="--precision"):
         quantize.prediction_model(model, cfg, params, cpu, "int4")
     with pytest.raises(UserError, match="CPU only"):

@@ -13,7 +13,8 @@ waiting     ``openmp_environment()``: how idle OpenMP threads wait between paral
             ``prepare_openmp_environment()`` must run before that; the command line does it
             first thing. A variable the user has set is never changed.
 precision   ``choose_cpu_precision(...)``: fp32 against bf16 (int8 for prediction only when asked:
-            it is opt-in), each with channels_last, timed on the model's own layer widths
+            it is opt-in), each in both memory layouts (channels_last and contiguous: which one
+            oneDNN runs faster differs between CPUs too), timed on the model's own layer widths
             (one DoubleConv block at the first and the last encoder width of the configured
             U-Net), forward + backward for training and forward for prediction, interleaved,
             about 2 s in all. The result is cached per (CPU model, torch version, model shape,
@@ -38,6 +39,7 @@ from pathlib import Path
 
 CACHE_ENV = "ABDOSEG_CACHE_DIR"      # overrides the cache folder
 CACHE_FILE = "cpu_precision.json"
+CONTIGUOUS = "/contiguous"           # suffix of a candidate timed in the contiguous (NCHW) layout
 CALIBRATION_SECONDS = 2.0            # time budget of one calibration (at least MIN_ROUNDS rounds)
 MIN_ROUNDS, MAX_ROUNDS = 3, 20
 PROBE_GFLOP = 0.4                    # forward conv GFLOP of one probe call (sets its spatial size)
@@ -167,11 +169,12 @@ def cache_folder() -> Path:
 
 def calibration_key(features: Sequence[int], in_channels: int, purpose: str,
                     candidates: Sequence[str]) -> dict:
-    """What a cached choice depends on: CPU model, torch version, model shape, purpose."""
+    """What a cached choice depends on: CPU model, torch version, model shape, purpose (and the
+    layouts timed, so choices cached before the layout was measured are measured again)."""
     import torch
     return {"cpu": cpu_model_name(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "features": [int(f) for f in features], "in_channels": int(in_channels), "purpose": purpose,
-            "candidates": list(candidates)}
+            "candidates": list(candidates), "layouts": ["channels_last", "contiguous"]}
 
 
 def available_candidates(purpose: str, include_int8: bool = False) -> tuple[str, ...]:
@@ -204,7 +207,8 @@ def choose_cpu_precision(features: Sequence[int] = (64, 128, 256, 512), in_chann
         log: where the one-line decision goes (default: stderr).
 
     Returns:
-        The choice; ``how`` is ``"cache"`` when it came from the cache file.
+        The choice, precision and layout (``channels_last`` False when a ``/contiguous`` timing
+        won); ``how`` is ``"cache"`` when it came from the cache file.
     """
     candidates = tuple(candidates or available_candidates(purpose))
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
@@ -215,7 +219,8 @@ def choose_cpu_precision(features: Sequence[int] = (64, 128, 256, 512), in_chann
         return cached
     seconds = (measure or measure_candidates)(features, in_channels, purpose, candidates)
     fastest = min(seconds, key=seconds.get)
-    choice = PrecisionChoice(fastest, True, purpose, "measured", {k: round(v, 6) for k, v in seconds.items()}, key)
+    choice = PrecisionChoice(fastest.removesuffix(CONTIGUOUS), not fastest.endswith(CONTIGUOUS), purpose,
+                             "measured", {k: round(v, 6) for k, v in seconds.items()}, key)
     if use_cache:
         write_cached_choice(choice)
     log(choice.describe())
@@ -295,7 +300,9 @@ def probe_shapes(features: Sequence[int], image_size: int = 256) -> list[tuple[i
 
 def measure_candidates(features: Sequence[int], in_channels: int, purpose: str,
                        candidates: Sequence[str], budget_seconds: float = CALIBRATION_SECONDS) -> dict[str, float]:
-    """Seconds of one round of the probe blocks per candidate (minimum over interleaved rounds).
+    """Seconds of one round of the probe blocks per candidate and layout (minimum over interleaved
+    rounds): ``{"fp32": .., "fp32/contiguous": .., "bf16": .., ...}``, a bare name being channels_last
+    (int8 runs in ONNX Runtime, which picks its own layout: timed once).
 
     A round runs every probe block once: forward + backward (training mode, BatchNorm) for
     ``purpose="train"``, forward under ``inference_mode`` (convolutions with bias, as after
@@ -303,10 +310,14 @@ def measure_candidates(features: Sequence[int], in_channels: int, purpose: str,
     load on a shared machine hits them alike; they stop after `budget_seconds` (at least
     ``MIN_ROUNDS``).
     """
-    runners = {name: _probe_runner(name, features, purpose) for name in candidates}
+    runners = {}
+    for name in candidates:
+        runners[name] = _probe_runner(name, features, purpose)
+        if name != "int8":
+            runners[name + CONTIGUOUS] = _probe_runner(name, features, purpose, channels_last=False)
     for run in runners.values():  # first calls create oneDNN primitives and reorder weights
         run()
-    best = {name: float("inf") for name in candidates}
+    best = {name: float("inf") for name in runners}
     started = time.perf_counter()
     for round_number in range(MAX_ROUNDS):
         for name, run in runners.items():
@@ -318,19 +329,21 @@ def measure_candidates(features: Sequence[int], in_channels: int, purpose: str,
     return best
 
 
-def _probe_runner(precision: str, features: Sequence[int], purpose: str) -> Callable[[], None]:
-    """A function running one round of the probe blocks in `precision`."""
+def _probe_runner(precision: str, features: Sequence[int], purpose: str,
+                  channels_last: bool = True) -> Callable[[], None]:
+    """A function running one round of the probe blocks in `precision` and the given layout."""
     if precision == "int8":
         from training.quantize import int8_probe_runner
         return int8_probe_runner(probe_shapes(features))
     import torch
     from network.unet import DoubleConv, fold_batchnorm
     generator = torch.Generator().manual_seed(0)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
     blocks, inputs = [], []
     for width, size in probe_shapes(features):
-        block = DoubleConv(width, width).to(memory_format=torch.channels_last)
+        block = DoubleConv(width, width).to(memory_format=layout)
         blocks.append(block.train() if purpose == "train" else fold_batchnorm(block))
-        image = torch.rand(1, width, size, size, generator=generator).contiguous(memory_format=torch.channels_last)
+        image = torch.rand(1, width, size, size, generator=generator).contiguous(memory_format=layout)
         inputs.append(image.requires_grad_(purpose == "train"))
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 

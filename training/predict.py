@@ -331,9 +331,9 @@ def predict_files(checkpoint, inputs, out_dir, device="auto", batch_size: int = 
         device = select_device(device)
         model, cfg, params = model_from_checkpoint(load_checkpoint(checkpoint))
         model = (fold_batchnorm(model) if fold_bn else model).to(device)
-        model, amp_dtype, summary["precision"] = prediction_model(model, cfg, params, device, precision)
+        model, amp_dtype, summary["precision"], channels_last = prediction_model(model, cfg, params, device, precision)
         out = _claim_output(out_dir, single_stem, [inputs, checkpoint], overwrite)  # after the checkpoint loaded
-        settings = (params, cfg.in_channels, device, amp_dtype, batch_size, cfg.channels_last, largest_component)
+        settings = (params, cfg.in_channels, device, amp_dtype, batch_size, channels_last, largest_component)
         for i, path in enumerate(tqdm(files, desc="predict", unit="case", disable=not progress)):
             (volume, headers), error = pending_read.result()
             if i + 1 < len(files):

@@ -65,14 +65,15 @@ def _quiet():
 
 
 def prediction_model(model: nn.Module, cfg: TrainConfig, params: PreprocessParams, device: torch.device,
-                     precision: str = "auto", log=None) -> tuple[nn.Module, torch.dtype | None, str]:
-    """What prediction runs: ``(model, autocast dtype or None, precision name)``.
+                     precision: str = "auto", log=None) -> tuple[nn.Module, torch.dtype | None, str, bool]:
+    """What prediction runs: ``(model, autocast dtype or None, precision name, channels_last)``.
 
     Args:
         precision: ``"auto"``: on CPU, the faster of fp32 and bf16 on this model's layer shapes
-            (int8 is opt-in: it missed the 0.01 Dice bound on the test's tiny model) (``training.cpu.choose_cpu_precision``, cached), unless
-            the checkpoint's config forces ``amp``; elsewhere today's rule (``select_amp``).
-            ``"fp32"``, ``"bf16"``, ``"int8"`` force one (int8: CPU only).
+            and its faster layout (``training.cpu.choose_cpu_precision``, cached; int8 is opt-in),
+            unless the checkpoint's config forces ``amp``; elsewhere today's rule (``select_amp``).
+            ``"fp32"``, ``"bf16"``, ``"int8"`` force one (int8: CPU only); a forced precision
+            keeps the config's ``channels_last``.
     """
     from training.cpu import choose_cpu_precision
     from training.runtime import select_amp
@@ -81,13 +82,16 @@ def prediction_model(model: nn.Module, cfg: TrainConfig, params: PreprocessParam
     if precision == "auto":
         if device.type != "cpu" or cfg.amp != "auto":
             dtype = select_amp(device, cfg.amp, cfg, purpose="predict")
-            return model, dtype, {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
-        precision = choose_cpu_precision(cfg.features, cfg.in_channels, "predict", log=log).precision
+            return model, dtype, {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32"), cfg.channels_last
+        choice = choose_cpu_precision(cfg.features, cfg.in_channels, "predict", log=log)
+        precision, channels_last = choice.precision, cfg.channels_last and choice.channels_last
+    else:
+        channels_last = cfg.channels_last
     if precision == "int8":
         if device.type != "cpu":
             raise UserError(f"int8 runs on CPU only, not on {device}", "--precision")
-        return int8_model(model, cfg, params, log=log), None, "int8"
-    return model, torch.bfloat16 if precision == "bf16" else None, precision
+        return int8_model(model, cfg, params, log=log), None, "int8", cfg.channels_last
+    return model, torch.bfloat16 if precision == "bf16" else None, precision, channels_last
 
 
 def _import_onnxruntime():

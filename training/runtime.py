@@ -41,6 +41,7 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     owns_process_group: bool = False  # setup_runtime created it, so fit destroys it
+    channels_last: bool = True        # memory layout of the model and batches
 
     @property
     def is_main(self) -> bool:
@@ -71,9 +72,24 @@ def select_amp(device: torch.device, amp: str, cfg: TrainConfig | None = None,
     if device.type == "cuda":
         return torch.bfloat16 if amp == "bf16" or torch.cuda.is_bf16_supported() else torch.float16
     if amp == "auto":  # measured, not assumed: bf16 is the slow path on some CPUs that support it
-        return choose_cpu_precision((cfg or TrainConfig()).features, (cfg or TrainConfig()).in_channels,
-                                    purpose, candidates=("fp32", "bf16") if cpu_has_bf16() else ("fp32",)).dtype
+        return cpu_choice(cfg or TrainConfig(), purpose).dtype
     return torch.bfloat16 if amp == "bf16" else None
+
+
+def select_precision(device: torch.device, cfg: TrainConfig, purpose: str = "train") -> tuple[torch.dtype | None, bool]:
+    """``(autocast dtype, channels_last)``. On CPU with ``amp='auto'`` both come from the measured
+    choice (channels_last only if ``cfg.channels_last`` allows it); otherwise ``select_amp`` and
+    ``cfg.channels_last`` as set."""
+    if device.type == "cpu" and cfg.amp == "auto":
+        choice = cpu_choice(cfg, purpose)
+        return choice.dtype, cfg.channels_last and choice.channels_last
+    return select_amp(device, cfg.amp, cfg, purpose), cfg.channels_last
+
+
+def cpu_choice(cfg: TrainConfig, purpose: str):
+    """The measured (cached) fastest precision and layout for `cfg`'s model on this CPU."""
+    return choose_cpu_precision(cfg.features, cfg.in_channels, purpose,
+                                candidates=("fp32", "bf16") if cpu_has_bf16() else ("fp32",))
 
 
 def cpu_has_bf16() -> bool:
@@ -190,17 +206,18 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return Runtime(device, select_amp(device, cfg.amp, cfg), rank, world_size, owns_process_group)
+    amp_dtype, channels_last = select_precision(device, cfg)
+    return Runtime(device, amp_dtype, rank, world_size, owns_process_group, channels_last)
 
 
 def prepare_model(cfg: TrainConfig, rt: Runtime) -> torch.nn.Module:
-    """The config's U-Net, seeded, on the runtime's device (SyncBatchNorm, channels_last as set)."""
+    """The config's U-Net, seeded, on the runtime's device (SyncBatchNorm, the runtime's layout)."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg)
     if cfg.sync_batchnorm and rt.world_size > 1:
         model = convert_sync_batchnorm(model, rt.device)
     model = model.to(rt.device)
-    if cfg.channels_last:
+    if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
 

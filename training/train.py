@@ -97,7 +97,7 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scaler, cfg: TrainConfig,
         for batch in bar:
             if stop_requested():  # SIGTERM or Ctrl-C: stop between steps, never inside one
                 raise KeyboardInterrupt
-            batch = batch_to_device(batch, rt.device, channels_last=cfg.channels_last)
+            batch = batch_to_device(batch, rt.device, channels_last=rt.channels_last)
             image, label, distance = batch["image"], batch["label"], batch["distance"]
             if cfg.augment.enabled:
                 # seeded per step, so a resumed epoch draws the same augmentations
@@ -145,7 +145,7 @@ def validate(model, loader, loss_fn, cfg: TrainConfig, rt: Runtime) -> dict:
     metrics = SliceMetrics(cfg.num_classes)
     totals = torch.zeros(2, device=rt.device)  # (sum of loss * slices, slices)
     for batch in loader:
-        batch = batch_to_device(batch, rt.device, channels_last=cfg.channels_last)
+        batch = batch_to_device(batch, rt.device, channels_last=rt.channels_last)
         with rt.autocast():
             logits = model(batch["image"])
         slices = logits.shape[0]
@@ -247,7 +247,7 @@ def _train_epochs(cfg: TrainConfig, cases, params, trained_by, fingerprint: str,
             row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **train_row,
                    **validate(wrapped, val_loader, loss_fn, cfg, rt),
                    # the unwrapped model: cases are shared unevenly, DDP's forward would wait
-                   **validate_cases(model, val_set, cfg.num_classes, cfg.batch_size, rt, cfg.channels_last,
+                   **validate_cases(model, val_set, cfg.num_classes, cfg.batch_size, rt, rt.channels_last,
                                     cfg.val_max_cases)}
             row.pop("steps")
             scheduler.step()
