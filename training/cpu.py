@@ -40,6 +40,8 @@ from pathlib import Path
 CACHE_ENV = "ABDOSEG_CACHE_DIR"      # overrides the cache folder
 CACHE_FILE = "cpu_precision.json"
 CONTIGUOUS = "/contiguous"           # suffix of a candidate timed in the contiguous (NCHW) layout
+LAYOUT_MARGIN = 0.05                 # contiguous is taken only when this much faster: the probe blocks
+                                     # are not the whole U-Net, and rounds differ by a few % on their own
 CALIBRATION_SECONDS = 2.0            # time budget of one calibration (at least MIN_ROUNDS rounds)
 MIN_ROUNDS, MAX_ROUNDS = 3, 20
 PROBE_GFLOP = 0.4                    # forward conv GFLOP of one probe call (sets its spatial size)
@@ -218,7 +220,7 @@ def choose_cpu_precision(features: Sequence[int] = (64, 128, 256, 512), in_chann
         log(cached.describe())
         return cached
     seconds = (measure or measure_candidates)(features, in_channels, purpose, candidates)
-    fastest = min(seconds, key=seconds.get)
+    fastest = min(seconds, key=lambda name: seconds[name] * (1 + LAYOUT_MARGIN * name.endswith(CONTIGUOUS)))
     choice = PrecisionChoice(fastest.removesuffix(CONTIGUOUS), not fastest.endswith(CONTIGUOUS), purpose,
                              "measured", {k: round(v, 6) for k, v in seconds.items()}, key)
     if use_cache:
