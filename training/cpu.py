@@ -13,12 +13,13 @@ waiting     ``openmp_environment()``: how idle OpenMP threads wait between paral
             ``prepare_openmp_environment()`` must run before that; the command line does it
             first thing. A variable the user has set is never changed.
 precision   ``choose_cpu_precision(...)``: fp32 against bf16 (int8 for prediction only when asked:
-            it is opt-in), each in both memory layouts (channels_last and contiguous: which one
-            oneDNN runs faster differs between CPUs too), timed on the model's own layer widths
+            it is opt-in), then the memory layout, channels_last against contiguous, for the
+            winner (whole U-Net probe: the layout's cost is in pooling, up-sampling and joins
+            too, not only in the convolutions). Precisions are timed on the model's own layer widths
             (one DoubleConv block at the first and the last encoder width of the configured
             U-Net), forward + backward for training and forward for prediction, interleaved,
-            about 2 s in all. The result is cached per (CPU model, torch version, model shape,
-            purpose) in ``cache_folder()/cpu_precision.json`` (safe to delete: it is measured
+            2-6 s in all (the seed model). The result is cached per (CPU model, torch version,
+            model shape, purpose) in ``cache_folder()/cpu_precision.json`` (safe to delete: it is measured
             again) and logged as one line.
 
 Only the standard library is imported at module level, so ``prepare_openmp_environment`` can
@@ -39,9 +40,12 @@ from pathlib import Path
 
 CACHE_ENV = "ABDOSEG_CACHE_DIR"      # overrides the cache folder
 CACHE_FILE = "cpu_precision.json"
-CONTIGUOUS = "/contiguous"           # suffix of a candidate timed in the contiguous (NCHW) layout
-LAYOUT_MARGIN = 0.05                 # contiguous is taken only when this much faster: the probe blocks
-                                     # are not the whole U-Net, and rounds differ by a few % on their own
+CONTIGUOUS = "/contiguous"           # suffix of a timing in the contiguous (NCHW) layout
+WHOLE = " unet"                      # suffix of a whole-U-Net timing (the layout probe)
+LAYOUT_MARGIN = 0.05                 # contiguous is taken only when this much faster (rounds differ by a
+                                     # few % on their own; channels_last is what every CPU measured so far
+                                     # ran faster)
+LAYOUT_PROBE_SIZE = 128              # whole-U-Net probe image: the deepest level of 4 is 16 x 16
 CALIBRATION_SECONDS = 2.0            # time budget of one calibration (at least MIN_ROUNDS rounds)
 MIN_ROUNDS, MAX_ROUNDS = 3, 20
 PROBE_GFLOP = 0.4                    # forward conv GFLOP of one probe call (sets its spatial size)
@@ -209,8 +213,8 @@ def choose_cpu_precision(features: Sequence[int] = (64, 128, 256, 512), in_chann
         log: where the one-line decision goes (default: stderr).
 
     Returns:
-        The choice, precision and layout (``channels_last`` False when a ``/contiguous`` timing
-        won); ``how`` is ``"cache"`` when it came from the cache file.
+        The choice, precision and layout (``channels_last`` False only when the whole U-Net ran
+        ``LAYOUT_MARGIN`` faster contiguous); ``how`` is ``"cache"`` when it came from the cache file.
     """
     candidates = tuple(candidates or available_candidates(purpose))
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
@@ -220,9 +224,11 @@ def choose_cpu_precision(features: Sequence[int] = (64, 128, 256, 512), in_chann
         log(cached.describe())
         return cached
     seconds = (measure or measure_candidates)(features, in_channels, purpose, candidates)
-    fastest = min(seconds, key=lambda name: seconds[name] * (1 + LAYOUT_MARGIN * name.endswith(CONTIGUOUS)))
-    choice = PrecisionChoice(fastest.removesuffix(CONTIGUOUS), not fastest.endswith(CONTIGUOUS), purpose,
-                             "measured", {k: round(v, 6) for k, v in seconds.items()}, key)
+    fastest = min((name for name in seconds if name in candidates), key=seconds.get)
+    whole = seconds.get(fastest + WHOLE), seconds.get(fastest + WHOLE + CONTIGUOUS)
+    contiguous = None not in whole and whole[1] * (1 + LAYOUT_MARGIN) < whole[0]
+    choice = PrecisionChoice(fastest, not contiguous, purpose, "measured",
+                             {k: round(v, 6) for k, v in seconds.items()}, key)
     if use_cache:
         write_cached_choice(choice)
     log(choice.describe())
@@ -302,21 +308,28 @@ def probe_shapes(features: Sequence[int], image_size: int = 256) -> list[tuple[i
 
 def measure_candidates(features: Sequence[int], in_channels: int, purpose: str,
                        candidates: Sequence[str], budget_seconds: float = CALIBRATION_SECONDS) -> dict[str, float]:
-    """Seconds of one round of the probe blocks per candidate and layout (minimum over interleaved
-    rounds): ``{"fp32": .., "fp32/contiguous": .., "bf16": .., ...}``, a bare name being channels_last
-    (int8 runs in ONNX Runtime, which picks its own layout: timed once).
+    """Seconds of one round of the probe blocks per candidate (minimum over interleaved rounds),
+    then of the whole U-Net in the fastest candidate in both layouts (int8 excepted: ONNX Runtime
+    picks its own): ``{"fp32": .., "bf16": .., "bf16 unet": .., "bf16 unet/contiguous": ..}``.
 
     A round runs every probe block once: forward + backward (training mode, BatchNorm) for
     ``purpose="train"``, forward under ``inference_mode`` (convolutions with bias, as after
     BatchNorm folding) for ``"predict"``. Rounds alternate between candidates, so a change in
     load on a shared machine hits them alike; they stop after `budget_seconds` (at least
-    ``MIN_ROUNDS``).
+    ``MIN_ROUNDS``). The layout probe is the configured U-Net on one ``LAYOUT_PROBE_SIZE`` image,
+    forward + backward or forward alike, with the same budget.
     """
-    runners = {}
-    for name in candidates:
-        runners[name] = _probe_runner(name, features, purpose)
-        if name != "int8":
-            runners[name + CONTIGUOUS] = _probe_runner(name, features, purpose, channels_last=False)
+    best = _fastest_rounds({name: _probe_runner(name, features, purpose) for name in candidates}, budget_seconds)
+    fastest = min(best, key=best.get)
+    if fastest != "int8":
+        layouts = {fastest + WHOLE: _unet_runner(fastest, features, in_channels, purpose, True),
+                   fastest + WHOLE + CONTIGUOUS: _unet_runner(fastest, features, in_channels, purpose, False)}
+        best.update(_fastest_rounds(layouts, budget_seconds))
+    return best
+
+
+def _fastest_rounds(runners: dict[str, Callable[[], None]], budget_seconds: float) -> dict[str, float]:
+    """Minimum seconds per runner over interleaved rounds (at least MIN_ROUNDS, then until the budget)."""
     for run in runners.values():  # first calls create oneDNN primitives and reorder weights
         run()
     best = {name: float("inf") for name in runners}
@@ -331,31 +344,49 @@ def measure_candidates(features: Sequence[int], in_channels: int, purpose: str,
     return best
 
 
-def _probe_runner(precision: str, features: Sequence[int], purpose: str,
-                  channels_last: bool = True) -> Callable[[], None]:
-    """A function running one round of the probe blocks in `precision` and the given layout."""
+def _unet_runner(precision: str, features: Sequence[int], in_channels: int, purpose: str,
+                 channels_last: bool) -> Callable[[], None]:
+    """A function running the whole U-Net once on one image, in `precision` and the given layout."""
+    import torch
+    from network.unet import UNet, fold_batchnorm
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model = UNet(in_channels=in_channels, features=tuple(features))
+    model = (model.train() if purpose == "train" else fold_batchnorm(model.eval())).to(memory_format=layout)
+    image = torch.rand(1, in_channels, LAYOUT_PROBE_SIZE, LAYOUT_PROBE_SIZE,
+                       generator=torch.Generator().manual_seed(0)).contiguous(memory_format=layout)
+    return _in_precision(precision, purpose, [model], [image])
+
+
+def _probe_runner(precision: str, features: Sequence[int], purpose: str) -> Callable[[], None]:
+    """A function running one round of the probe blocks in `precision` (channels_last)."""
     if precision == "int8":
         from training.quantize import int8_probe_runner
         return int8_probe_runner(probe_shapes(features))
     import torch
     from network.unet import DoubleConv, fold_batchnorm
     generator = torch.Generator().manual_seed(0)
-    layout = torch.channels_last if channels_last else torch.contiguous_format
     blocks, inputs = [], []
     for width, size in probe_shapes(features):
-        block = DoubleConv(width, width).to(memory_format=layout)
+        block = DoubleConv(width, width).to(memory_format=torch.channels_last)
         blocks.append(block.train() if purpose == "train" else fold_batchnorm(block))
-        image = torch.rand(1, width, size, size, generator=generator).contiguous(memory_format=layout)
+        image = torch.rand(1, width, size, size, generator=generator).contiguous(memory_format=torch.channels_last)
         inputs.append(image.requires_grad_(purpose == "train"))
+    return _in_precision(precision, purpose, blocks, inputs)
+
+
+def _in_precision(precision: str, purpose: str, modules: list, inputs: list) -> Callable[[], None]:
+    """A function calling each module on its input: forward + backward for training, forward
+    under ``inference_mode`` for prediction, autocast to bf16 when `precision` is bf16."""
+    import torch
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 
     def run() -> None:
         with torch.autocast("cpu", dtype=dtype, enabled=precision == "bf16"):
             if purpose == "train":
-                for block, image in zip(blocks, inputs):
-                    block(image).float().sum().backward()
+                for module, image in zip(modules, inputs):
+                    module(image).float().sum().backward()
             else:
                 with torch.inference_mode():
-                    for block, image in zip(blocks, inputs):
-                        block(image)
+                    for module, image in zip(modules, inputs):
+                        module(image)
     return run
