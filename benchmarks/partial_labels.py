@@ -39,6 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.config import TrainConfig, with_partial_labels  # noqa: E402
+from training.cpu import cpu_model_name  # noqa: E402
 from training.error_bars import add_error_bars  # noqa: E402
 from training.evaluate import evaluate_folders  # noqa: E402
 from training.predict import predict_files  # noqa: E402
@@ -240,7 +241,8 @@ def main(argv=None) -> dict:
     save_figure(chart, args.out / "partial_labels.png")
     if args.chart:
         save_figure(chart, args.chart)
-    headline = {**arms, "unannotated_organs": [ORGANS[i] for i in organs], "training_seeds": list(seeds),
+    headline = {**arms, "cpu_model": cpu_model_name(), "unannotated_organs": [ORGANS[i] for i in organs],
+                "training_seeds": list(seeds),
                 "test_seed": TEST_SEED, "test_cases": settings["test_cases"],
                 "seconds": round(time.perf_counter() - started, 1), "quick": args.quick,
                 "estimated_full_minutes": estimate_minutes(results, data_seconds, settings, cfg)}
