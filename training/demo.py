@@ -36,14 +36,16 @@ DEMO = {
     "workers": 2,
 }
 # A quarter-width U-Net with Dice + boundary-weighted CE and the partial-label losses, sized to
-# train in a few minutes on a laptop CPU (the seed's weighted CE alone learned more slowly in
-# our runs: see the README). 2,000 steps of 8 slices: on a 2-core AMD EPYC, 40 x 40 steps of 16
-# took 694 s (validation 3D Dice 0.900), 20 x 80 of 8 took 367 s (0.882), 25 x 80 of 8 took 483 s
-# (0.888); chosen on validation Dice and time. Narrower widths (12, 24, ...) ran no faster.
+# train in minutes on a laptop CPU (the seed's weighted CE alone learned more slowly in our runs:
+# see the README). 1,600 steps of 8 slices, no augmentation (the phantoms come from one generator;
+# keep it on for real data, the TrainConfig default). Chosen among four configurations on a 2-core
+# AMD EPYC by time and by Dice on 6 validation phantoms (PHANTOM_SEEDS["full"]); every number of
+# that choice is in benchmarks/results/amd_epyc.json ("demo_configurations"). Narrower widths
+# (12, 24, ...) ran no faster.
 TRAIN = TrainConfig(
-    features=(16, 32, 64, 128), loss="dice_ce", epochs=25, batch_size=8, lr=3e-3,
+    features=(16, 32, 64, 128), loss="dice_ce", epochs=20, batch_size=8, lr=3e-3,
     scheduler="cosine", marginal=True, exclusion_weight=1.0, steps_per_epoch=80,
-    val_fraction=0.15, val_max_slices=32, num_workers=0, augment=AugmentParams(rotate_deg=8.0), seed=0,
+    val_fraction=0.15, val_max_slices=32, num_workers=0, augment=AugmentParams(enabled=False), seed=0,
 )
 QUICK = {"cases_per_source": 2, "heldout_cases": 1, "phantom_size": 96, "phantom_slices": 16,
          "target_size": 64, "features": [4, 8], "epochs": 1, "steps_per_epoch": 2, "batch_size": 4,
