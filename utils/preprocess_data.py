@@ -49,14 +49,15 @@ def preprocess_case(case_id: str, image_path, mask_path, source: LabelSource, pa
             mask values the source's label map does not declare. Nothing is left behind.
     """
     volume, labels = load_case(image_path, mask_path, source)
-    voxel_counts = np.bincount(labels.ravel(), minlength=NUM_CLASSES)
+    # torch's bincount counts uint8 as it is (numpy's casts to int64); memory order: no copy
+    voxel_counts = torch.from_numpy(labels.ravel(order="K")).bincount(minlength=NUM_CLASSES).numpy()
     image = preprocess_image(volume, params).numpy()
     label = preprocess_labels(labels, volume.spacing, params)
     distance = distance_to_boundary(label)
     num_slices = label.shape[0]
     # (Z, H, W) -> (Z, classes): which classes each slice contains, in one bincount
-    offsets = label.reshape(num_slices, -1) + (np.arange(num_slices) * NUM_CLASSES)[:, None]
-    presence = np.bincount(offsets.ravel(), minlength=num_slices * NUM_CLASSES).reshape(num_slices, -1) > 0
+    offsets = torch.from_numpy(label.reshape(num_slices, -1)).long() + torch.arange(num_slices)[:, None] * NUM_CLASSES
+    presence = offsets.ravel().bincount(minlength=num_slices * NUM_CLASSES).reshape(num_slices, -1).numpy() > 0
     entry = {
         "case_id": case_id, "source": source.name, "annotated": sorted(source.annotated),
         "label_sets": label_sets_to_lists(source.label_sets()),
