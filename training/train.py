@@ -247,8 +247,7 @@ def _train_epochs(cfg: TrainConfig, cases, params, trained_by, fingerprint: str,
             row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **train_row,
                    **validate(wrapped, val_loader, loss_fn, cfg, rt),
                    # the unwrapped model: cases are shared unevenly, DDP's forward would wait
-                   **validate_cases(model, val_set, cfg.num_classes, cfg.batch_size, rt, rt.channels_last,
-                                    cfg.val_max_cases)}
+                   **validate_cases(model, val_set, cfg.num_classes, cfg.batch_size, rt, cfg.val_max_cases)}
             row.pop("steps")
             scheduler.step()
             epoch, step_in_epoch = epoch + 1, 0

@@ -35,11 +35,12 @@ def predict_case_volume(model, dataset: SliceDataset, case: int, batch_size: int
 
 @torch.inference_mode()
 def validate_cases(model, dataset: SliceDataset, num_classes: int, batch_size: int, rt: Runtime,
-                   channels_last: bool = False, max_cases: int = 0) -> dict:
+                   max_cases: int = 0) -> dict:
     """Mean over validation cases of the per-case mean 3D Dice over scoreable organs.
 
-    ``max_cases`` > 0 scores that many cases, evenly spaced and the same every epoch. Cases are shared out over the processes (case ``k`` on rank ``k % world_size``) and the sums
-    reduced, so every process returns the same numbers.
+    ``max_cases`` > 0 scores that many cases, evenly spaced and the same every epoch. Cases are
+    shared out over the processes (case ``k`` on rank ``k % world_size``) and the sums reduced, so
+    every process returns the same numbers. Batches take the runtime's layout.
 
     Returns:
         ``{"val_case_dice": mean over cases (NaN if no case has a scoreable organ),
@@ -50,7 +51,7 @@ def validate_cases(model, dataset: SliceDataset, num_classes: int, batch_size: i
     totals = torch.zeros(num_classes, 2, dtype=torch.float64, device=rt.device)
     cases = evenly_spaced(len(dataset.cases), max_cases)
     for case in cases[rt.rank::rt.world_size]:
-        pred = predict_case_volume(model, dataset, case, batch_size, rt, channels_last)
+        pred = predict_case_volume(model, dataset, case, batch_size, rt, rt.channels_last)
         reference = np.asarray(dataset.arrays(case)["label"])
         dice = case_dice_3d(pred, reference, dataset.label_sets[case], num_classes)  # (C - 1,)
         scored = ~np.isnan(dice)
