@@ -38,10 +38,10 @@ DEMO = {
 # A quarter-width U-Net with Dice + boundary-weighted CE and the partial-label losses, sized to
 # train in minutes on a laptop CPU (the seed's weighted CE alone learned more slowly in our runs:
 # see the README). 1,600 steps of 8 slices, no augmentation (the phantoms come from one generator;
-# keep it on for real data, the TrainConfig default). Chosen among three cheaper configurations on a 2-core
-# AMD EPYC by time and by Dice on 6 validation phantoms (PHANTOM_SEEDS["full"]); every number of
-# that choice is in benchmarks/results/amd_epyc.json ("demo_configurations"). Narrower widths
-# (12, 24, ...) ran no faster.
+# keep it on for real data, the TrainConfig default). Chosen among three cheaper configurations
+# on a 2-core AMD EPYC by time and by Dice on 6 validation phantoms (PHANTOM_SEEDS["full"]); every
+# number of that choice is in benchmarks/results/amd_epyc.json ("demo_configurations"). Narrower
+# widths (12, 24, ...) ran no faster.
 TRAIN = TrainConfig(
     features=(16, 32, 64, 128), loss="dice_ce", epochs=20, batch_size=8, lr=3e-3,
     scheduler="cosine", marginal=True, exclusion_weight=1.0, steps_per_epoch=80,
