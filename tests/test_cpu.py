@@ -147,7 +147,7 @@ def test_select_amp_forces_and_measures_on_cpu(monkeypatch):
         return cpu.PrecisionChoice("fp32", True, purpose, "measured")
 
     monkeypatch.setattr(train, "choose_cpu_precision", fake_choose)
-    monkeypatch.setattr(train, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(cpu, "cpu_has_bf16", lambda: True)
     device = torch.device("cpu")
     assert train.select_amp(device, "bf16") is torch.bfloat16
     assert train.select_amp(device, "off") is None and train.select_amp(device, "fp32") is None
@@ -155,7 +155,7 @@ def test_select_amp_forces_and_measures_on_cpu(monkeypatch):
     cfg = train.TrainConfig(features=(8, 16))
     assert train.select_amp(device, "auto", cfg) is None
     assert calls == [((8, 16), "train", ("fp32", "bf16"))]
-    monkeypatch.setattr(train, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(cpu, "cpu_has_bf16", lambda: False)
     train.select_amp(device, "auto", cfg, purpose="predict")
     assert calls[-1] == ((8, 16), "predict", ("fp32",))
 

@@ -25,7 +25,7 @@ GLIBC = platform.libc_ver()[0] == "glibc"
 @pytest.mark.parametrize("native_bf16", [True, False])
 @pytest.mark.parametrize("amp", ["auto", "bf16", "fp16", "off"])
 def test_select_amp_on_cpu(amp, native_bf16, monkeypatch):
-    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: native_bf16)
+    monkeypatch.setattr("training.cpu.cpu_has_bf16", lambda: native_bf16)
     # on CPU 'auto' is measured (training/cpu.py): here bf16 is measured faster whenever it is a candidate
     monkeypatch.setattr(runtime, "choose_cpu_precision",
                         lambda *args, candidates: PrecisionChoice(candidates[-1], True, "train", "measured"))

@@ -183,13 +183,22 @@ def calibration_key(features: Sequence[int], in_channels: int, purpose: str,
             "candidates": list(candidates), "layouts": ["channels_last", "contiguous"]}
 
 
-def available_candidates(purpose: str, include_int8: bool = False) -> tuple[str, ...]:
-    """Precisions to try: fp32, bf16 where oneDNN runs it, and int8 for prediction only when asked
-    (ONNX Runtime installed). int8 is opt-in: on the test's tiny trained model it lost 0.013 Dice
-    against fp32, over the 0.01 bound (tests/test_quantize.py)."""
+def cpu_has_bf16() -> bool:
+    """True on CPUs with native bf16 arithmetic (AVX512-BF16 or AMX), where bf16 autocast can pay."""
     import torch
+    try:
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def available_candidates(purpose: str, include_int8: bool = False) -> tuple[str, ...]:
+    """Precisions to try, the one rule for training, prediction and the benchmarks: fp32, bf16 on
+    CPUs with native bf16, and int8 for prediction only when asked (ONNX Runtime installed). int8
+    is opt-in: on the test's tiny trained model it lost 0.013 Dice against fp32, over the 0.01
+    bound (tests/test_quantize.py)."""
     candidates = ["fp32"]
-    if torch.backends.mkldnn.is_available():
+    if cpu_has_bf16():
         candidates.append("bf16")
     if purpose == "predict" and include_int8:
         from training.quantize import onnxruntime_available

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from training.checkpoint import build_model
 from training.config import TrainConfig
-from training.cpu import choose_cpu_precision
+from training.cpu import available_candidates, choose_cpu_precision
 from training.run_folder import RunFolderError
 from training.sync_batchnorm import convert_sync_batchnorm
 
@@ -88,16 +88,7 @@ def select_precision(device: torch.device, cfg: TrainConfig, purpose: str = "tra
 
 def cpu_choice(cfg: TrainConfig, purpose: str):
     """The measured (cached) fastest precision and layout for `cfg`'s model on this CPU."""
-    return choose_cpu_precision(cfg.features, cfg.in_channels, purpose,
-                                candidates=("fp32", "bf16") if cpu_has_bf16() else ("fp32",))
-
-
-def cpu_has_bf16() -> bool:
-    """True on CPUs with native bf16 arithmetic (AVX512-BF16 or AMX), where bf16 autocast pays."""
-    try:
-        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    except (AttributeError, RuntimeError):
-        return False
+    return choose_cpu_precision(cfg.features, cfg.in_channels, purpose, candidates=available_candidates(purpose))
 
 
 def autocast_context(device: torch.device, amp_dtype: torch.dtype | None):
