@@ -362,8 +362,23 @@ def test_set_probabilities_and_scored_rows_of_totalsegmentator():
     torch.testing.assert_close(merged[:, 3], probs[:, 3] + probs[:, 0])  # femur = {head, background}
     torch.testing.assert_close(merged[:, 0], probs[:, 0] + probs[:, 6])  # rectum may hide in 0
     assert torch.equal(merged[:, 5], probs[:, 5])
-    # the rectum's identity row is inside row 0 and row 2: scored only through them
-    assert scored_rows(sets)[0].tolist() == [c != 6 for c in range(12)]
+    # the rectum's identity row is inside row 0 and row 2: scored only through them; the femur
+    # row holds background, so it is no region and the Dice leaves it to the cross-entropy
+    assert scored_rows(sets)[0].tolist() == [c not in (3, 6) for c in range(12)]
+
+
+def test_marginal_dice_of_a_perfect_totalsegmentator_prediction_is_perfect():
+    # 1 x 10 pixels: femur (stored 3 = {femur head, background}) on 2, liver on 3, background on 5.
+    # The model says femur head on the femur, liver on the liver, background elsewhere, all sure.
+    # A scored femur row would count p_head + p_background on the 7 femur and background pixels
+    # against 2 true ones: Dice 4 / 9, loss (1 - 4/9) / 2 = 5/18 over rows {3, 5}, for a perfect
+    # prediction (what this test measured before the fix).
+    sets = torch.from_numpy(get_source("totalseg").label_sets())[None]
+    target = torch.tensor([[[3, 3, 5, 5, 5, 0, 0, 0, 0, 0]]])
+    logits = torch.full((1, 12, 1, 10), -30.0, dtype=torch.float64)
+    logits[0, 3, 0, :2] = logits[0, 5, 0, 2:5] = logits[0, 0, 0, 5:] = 30.0
+    loss = SoftDiceLoss(12, marginal=True)(logits, target, None, sets)  # smooth 1e-5
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_exclusion_masks_use_what_each_pixel_is_known_not_to_be():

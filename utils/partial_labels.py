@@ -222,10 +222,17 @@ def set_probabilities(probs: torch.Tensor, label_sets: torch.Tensor) -> torch.Te
 
 
 def scored_rows(label_sets: torch.Tensor) -> torch.Tensor:
-    """``(B, L, C)`` -> ``(B, L)`` bool: rows the marginal Dice scores, those that are non-empty
-    and not a strict subset of another row of the item (an organ left out keeps an identity row
-    that row 0 contains; it is scored only through row 0)."""
+    """``(B, L, C)`` -> ``(B, L)`` bool: rows the marginal Dice scores, those that are non-empty,
+    not a strict subset of another row of the item (an organ left out keeps an identity row
+    that row 0 contains; it is scored only through row 0) and, past row 0, without background.
+
+    A row such as TotalSegmentator's femur = {femur head, background} is not a region: its summed
+    probability is near 1 on every background pixel of the image, so its Dice would be about
+    ``2 |femur| / |image|`` for a perfect prediction and its gradient would push probability off
+    background everywhere. Such pixels are scored by the marginal cross-entropy alone."""
     sets = label_sets
     within = ~(sets[:, :, None, :] & ~sets[:, None, :, :]).any(dim=-1)  # (B, L, L): l subset of m
     strict = within & ~within.transpose(1, 2)
-    return sets.any(dim=-1) & ~strict.any(dim=-1)
+    with_background = sets[:, :, 0].clone()
+    with_background[:, 0] = False
+    return sets.any(dim=-1) & ~strict.any(dim=-1) & ~with_background
