@@ -25,10 +25,12 @@ Each measurement runs in a fresh subprocess, so ``peak_rss_mb_*`` (the child's o
 ``cpu_seconds_*`` (the child's user + system time, import included) is less sensitive to it.
 
 (d) the first slice count again with the precision forced to fp32, bf16 and int8 (ONNX Runtime,
-    when installed; ``quantize_seconds`` is the one-time quantization, cached afterwards), then
-    ``auto`` once more (``precision_auto``: what the calibration chose); ``auto_fraction_of_best``
-    is the fastest forced time over auto's. With ``--dice-checkpoint`` a trained model's mean
-    test-set Dice in fp32 and int8 (``dice_by_precision``; the demo's test phantoms).
+    when installed), then ``auto`` once more (``precision_auto``: what the calibration chose and
+    the int8 gate allowed); ``auto_fraction_of_best`` is the fastest forced time over auto's.
+    ``quantize_seconds`` is the one-time int8 quantization and gate of the timed model, run before
+    any timing (``int8_agreement`` / ``int8_gate_passed``: that model's gate). With
+    ``--dice-checkpoint`` a trained model's mean test-set Dice in fp32, int8 and auto, what auto
+    ran for it and its gate (``dice_by_precision``; the demo's test phantoms).
 
 The run has its own calibration/int8 cache (``ABDOSEG_CACHE_DIR`` in its temporary folder): the
 parent calibrates first (``calibration`` in the JSON), and the children find the choice cached.
@@ -73,6 +75,7 @@ from training.checkpoint import (FORMAT, label_scheme, load_checkpoint, model_fr
                                  save_checkpoint)
 from training.config import TrainConfig  # noqa: E402
 from training.predict import CPU_MAX_BATCH, predict_files  # noqa: E402
+from training.quantize import onnxruntime_available  # noqa: E402
 from training.runtime import autocast_context, select_amp, select_device  # noqa: E402
 from utils.phantom import make_phantom  # noqa: E402
 from utils.geometry import PreprocessParams  # noqa: E402
@@ -111,24 +114,28 @@ def ours(checkpoint: Path, ct: Path, out: Path, device: str, precision: str = "a
 
 
 def quantize_once(checkpoint: Path) -> dict:
-    """Make (and cache) the int8 model of `checkpoint`: what the first int8 prediction adds."""
-    from training.quantize import int8_model
+    """Make (and cache) the int8 model of `checkpoint` and its gate: what the first int8 (or auto)
+    prediction of a model adds."""
+    from training.quantize import int8_gate
     started = time.perf_counter()
     model, cfg, params = model_from_checkpoint(load_checkpoint(checkpoint))
-    int8_model(fold_batchnorm(model), cfg, params)
-    return {"seconds": time.perf_counter() - started}
+    gate = int8_gate(fold_batchnorm(model), cfg, params)
+    return {"seconds": time.perf_counter() - started, "int8_agreement": gate["agreement"],
+            "int8_gate_passed": gate["passed"]}
 
 
 def dice_by_precision(checkpoint: Path, images: Path, masks: Path, out: Path, device: str) -> dict:
-    """Mean test-set 3D Dice of fp32 and int8 predictions (``evaluate_folders``, full labels)."""
+    """Mean test-set 3D Dice of fp32, int8 and auto predictions (``evaluate_folders``, full labels),
+    what auto ran for this trained model and its int8 gate."""
     from training.evaluate import evaluate_folders
-    dice = {}
-    for precision in ("fp32", "int8"):
-        predict_files(checkpoint, images, out / precision, device=device, progress=False, precision=precision,
-                      overwrite=True)
+    dice, ran = {}, {}
+    for precision in ("fp32", "int8", "auto"):
+        ran[precision] = predict_files(checkpoint, images, out / precision, device=device, progress=False,
+                                       precision=precision, overwrite=True)["precision"]
         dice[precision] = evaluate_folders(out / precision, masks, "full", out / f"eval_{precision}",
                                            progress=False)["mean_dice"]
-    return {"dice": dice, "int8_minus_fp32": dice["int8"] - dice["fp32"]}
+    return {"dice": dice, "int8_minus_fp32": dice["int8"] - dice["fp32"], "precision_auto": ran["auto"],
+            **{key: value for key, value in quantize_once(checkpoint).items() if key != "seconds"}}
 
 
 def seed_way(checkpoint: Path, ct: Path, out: Path, device: str, limit: int) -> dict:
@@ -244,6 +251,11 @@ def main(args) -> dict:
                   "size": args.size, "threads": torch.get_num_threads(),
                   "model": "UNet features (64, 128, 256, 512), random init, 256x256",
                   "cpu_max_batch": CPU_MAX_BATCH, "calibration": benchmark_record(str(select_device(args.device).type))}
+        if onnxruntime_available() and result["device"] == "cpu":  # once per model, before any timing
+            quantized = run_child("quantize", args, checkpoint=checkpoint)
+            result.update(quantize_seconds=quantized.pop("seconds"), **quantized)
+            log(f"int8 quantization and gate, once: {result['quantize_seconds']:.1f} s, agreement "
+                f"{result['int8_agreement']:.4f}, passed {result['int8_gate_passed']}")
         model = run_child("model", args)
         result.update(slices_per_s_model_only=model["slices_per_s"], model_only_batch=model["batch_size"],
                       amp=model["amp"], peak_rss_mb_model_only=model["peak_rss_mb"])
@@ -286,13 +298,10 @@ def main(args) -> dict:
 
 def by_precision(args, checkpoint: Path, ct: Path, num_slices: int, work: Path) -> dict:
     """The same prediction forced to fp32, bf16 and int8 (int8: quantized once beforehand, timed apart)."""
-    from training.quantize import onnxruntime_available
-    result = {"precision_auto": None, "quantize_seconds": None}
+    result = {"precision_auto": None}
     precisions = ["fp32", "bf16"] + (["int8"] if onnxruntime_available() and args.device != "cuda" else [])
     precisions = precisions[:1] if args.quick else precisions  # a smoke run: the mechanism, not the figures
     for precision in precisions:
-        if precision == "int8":
-            result["quantize_seconds"] = run_child("quantize", args, checkpoint=checkpoint)["seconds"]
         run = run_child("ours", args, precision, checkpoint=checkpoint, input=ct, out=work / f"out_{precision}")
         result[f"seconds_{num_slices}_{precision}"] = run["seconds"]
         log(f"ours, forced {precision}: {run['seconds']:.1f} s")

@@ -108,3 +108,6 @@ def test_inference_quick_run_reports_each_slice_count(tmp_path):
     result = run_quick("inference.py", tmp_path)  # --quick: 128 x 128 x (20, 40) instead of 512 x 512 x (200, 600)
     assert {"seconds_20", "seconds_40", "peak_rss_mb_20", "peak_rss_mb_40", "seed_way_seconds_20",
             "slices_per_s_model_only", "device"} <= set(result), sorted(result)
+    if "int8_gate_passed" in result:  # ONNX Runtime installed: the timed model's gate decides about int8
+        assert 0 <= result["int8_agreement"] <= 1
+        assert result["precision_auto"] != "int8" or result["int8_gate_passed"], result["precision_auto"]

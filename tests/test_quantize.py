@@ -12,7 +12,7 @@ from training import quantize  # noqa: E402
 from training.__main__ import main  # noqa: E402
 from training.checkpoint import build_model, load_checkpoint, model_from_checkpoint  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
-from training.cpu import PrecisionChoice  # noqa: E402
+from training.cpu import PrecisionChoice, available_candidates  # noqa: E402
 from training.evaluate import evaluate_folders  # noqa: E402
 from training.predict import predict_files  # noqa: E402
 from training.train import fit  # noqa: E402
@@ -45,8 +45,43 @@ def test_int8_dice_within_001_of_fp32(trained, tmp_path):
     # an untrained model scores about 0.01: this one predicts organs, so the comparison means something
     assert dice["fp32"] > 0.1, dice
     # The bound is 0.01; this tiny model (widths 8, 16; Dice about 0.47) lost 0.013 in int8 on
-    # 2 threads, so int8 stays opt-in (never chosen by auto) and this test guards against worse.
+    # 2 threads, so auto runs int8 only behind int8_gate, and this test guards against worse.
     assert abs(dice["int8"] - dice["fp32"]) <= 0.02, dice
+
+
+def test_label_agreement_by_hand():
+    a = torch.tensor([[0, 1, 1, 2, 2, 2]])
+    b = torch.tensor([[0, 1, 0, 2, 2, 3]])
+    # organ 1: 2*1/(2+1) = 2/3; organ 2: 2*2/(3+2) = 4/5; organ 3: 0 (only in b); 4 absent from both
+    assert quantize.label_agreement(a, b, 5) == pytest.approx((2 / 3 + 4 / 5 + 0) / 3)
+    assert quantize.label_agreement(a, a, 5) == 1.0
+    assert quantize.label_agreement(torch.zeros(2, 3), torch.zeros(2, 3), 5) == 1.0  # no organ anywhere
+
+
+def test_int8_gate_measures_once_and_auto_falls_back_when_it_fails(trained, monkeypatch):
+    model, cfg, params = model_from_checkpoint(load_checkpoint(trained[0]))
+    cfg, lines = cfg.replace(amp="auto"), []  # trained with amp off, which auto would keep
+    gate = quantize.int8_gate(model, cfg, params, log=lines.append)
+    assert 0.0 <= gate["agreement"] <= 1.0 and gate["slices"] == quantize.GATE_SLICES
+    assert gate["passed"] == (gate["agreement"] >= quantize.INT8_MIN_AGREEMENT)
+    assert isinstance(gate["model"], quantize.OnnxModel) and "int8 gate" in lines[-1]
+    assert gate["model"].path.with_name(f"{gate['model'].path.stem}.gate.json").is_file()
+    # cached beside the int8 file: the second call neither quantizes nor predicts
+    monkeypatch.setattr(quantize, "quantize_onnx", lambda *a: pytest.fail("quantized again"))
+    monkeypatch.setattr(quantize, "calibration_batches", lambda *a, **k: pytest.fail("measured again"))
+    assert quantize.int8_gate(model, cfg, params, log=lines.append)["agreement"] == gate["agreement"]
+
+    # auto: int8 fastest by the probe; a model under the bar runs the fastest of the others
+    def fake_choice(features, in_channels, purpose, candidates=None, **k):
+        return PrecisionChoice("int8" if "int8" in candidates else "bf16", True, purpose, "measured")
+    monkeypatch.setattr("training.cpu.choose_cpu_precision", fake_choice)
+    monkeypatch.setattr(quantize, "INT8_MIN_AGREEMENT", gate["agreement"] + 1e-9)
+    cpu = torch.device("cpu")
+    assert quantize.prediction_model(model, cfg, params, cpu, "auto", log=lines.append)[1:3] == (torch.bfloat16, "bf16")
+    assert "int8 refused" in lines[-1]
+    monkeypatch.setattr(quantize, "INT8_MIN_AGREEMENT", gate["agreement"])
+    int8, dtype, name, _ = quantize.prediction_model(model, cfg, params, cpu, "auto", log=lines.append)
+    assert isinstance(int8, quantize.OnnxModel) and (dtype, name) == (None, "int8")
 
 
 def test_int8_model_is_cached_by_weights(trained, monkeypatch):
@@ -100,8 +135,10 @@ def test_prediction_model_choices(monkeypatch):
     measured = []
     monkeypatch.setattr("training.cpu.choose_cpu_precision",
                         lambda *a, **k: measured.append(a) or PrecisionChoice("int8", True, "predict", "measured"))
-    assert quantize.prediction_model(model, cfg, params, cpu, "auto")[2] == "int8"
-    assert measured == [((4, 8), 1, "predict")]
+    monkeypatch.setattr(quantize, "int8_gate", lambda model, *a, **k: {"passed": True, "model": "the int8 model"})
+    assert quantize.prediction_model(model, cfg, params, cpu, "auto")[:3] == ("the int8 model", None, "int8")
+    assert measured == [((4, 8), 1, "predict", available_candidates("predict", include_int8=True))]
+    assert "int8" in measured[0][3]
     monkeypatch.setattr("training.cpu.choose_cpu_precision",
                         lambda *a, **k: PrecisionChoice("bf16", False, "predict", "measured"))
     assert quantize.prediction_model(model, cfg, params, cpu, "auto")[1:] == (torch.bfloat16, "bf16", False)

@@ -184,7 +184,8 @@ def add_predict_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--probabilities", action="store_true", help="also save class probabilities")
     parser.add_argument("--largest-component", action="store_true", help="keep each organ's largest component")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "int8"), default="auto",
-                         help="auto: the fastest on this CPU, measured once and cached (int8 needs onnxruntime)")
+                         help="auto: the fastest on this CPU, measured once and cached; int8 (needs onnxruntime) "
+                              "only for a model whose int8 labels agree with fp32's (training.quantize.int8_gate)")
     parser.add_argument("--overwrite", action="store_true", help="replace files an earlier predict run wrote")
 
 

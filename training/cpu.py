@@ -12,8 +12,8 @@ waiting     ``openmp_environment()``: how idle OpenMP threads wait between paral
             libgomp reads its settings once, when it is loaded (``import torch``), so
             ``prepare_openmp_environment()`` must run before that; the command line does it
             first thing. A variable the user has set is never changed.
-precision   ``choose_cpu_precision(...)``: fp32 against bf16 (int8 for prediction only when asked:
-            it is opt-in), then the memory layout, channels_last against contiguous, for the
+precision   ``choose_cpu_precision(...)``: fp32 against bf16 (and int8 for prediction, which a
+            model then runs only if it passes ``training.quantize.int8_gate``), then the memory layout, channels_last against contiguous, for the
             winner (whole U-Net probe: the layout's cost is in pooling, up-sampling and joins
             too, not only in the convolutions). Precisions are timed on the model's own layer widths
             (one DoubleConv block at the first and the last encoder width of the configured
@@ -194,9 +194,10 @@ def cpu_has_bf16() -> bool:
 
 def available_candidates(purpose: str, include_int8: bool = False) -> tuple[str, ...]:
     """Precisions to try, the one rule for training, prediction and the benchmarks: fp32, bf16 on
-    CPUs with native bf16, and int8 for prediction only when asked (ONNX Runtime installed). int8
-    is opt-in: on the test's tiny trained model it lost 0.013 Dice against fp32, over the 0.01
-    bound (tests/test_quantize.py)."""
+    CPUs with native bf16, and int8 for prediction when asked (ONNX Runtime installed).
+    ``training.quantize.prediction_model`` asks, and runs int8 only for a model that passes
+    ``int8_gate`` (on the test's tiny trained model int8 lost 0.013 Dice against fp32: a model's
+    int8 fidelity is checked, not assumed)."""
     candidates = ["fp32"]
     if cpu_has_bf16():
         candidates.append("bf16")
@@ -251,11 +252,14 @@ def benchmark_record(device_type: str = "cpu", features: Sequence[int] = (64, 12
     record = {"cpu_model": cpu_model_name(), "usable_cpus": usable_cpu_count(),
               "openmp": {key: os.environ.get(key) for key in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}}
     if device_type == "cpu":
-        for purpose in ("train", "predict"):
-            record[purpose] = choose_cpu_precision(features, in_channels, purpose).to_dict()
-        with_int8 = available_candidates("predict", include_int8=True)  # for information: int8 is opt-in
+        record["train"] = choose_cpu_precision(features, in_channels, "train").to_dict()
+        # what prediction's auto measures; int8 then runs only for a model that passes its gate,
+        # and a model that fails it runs the faster of the others
+        with_int8 = available_candidates("predict", include_int8=True)
+        record["predict"] = choose_cpu_precision(features, in_channels, "predict", with_int8).to_dict()
         if "int8" in with_int8:
-            record["predict_probe_with_int8"] = choose_cpu_precision(features, in_channels, "predict", with_int8).seconds
+            record["predict_without_int8"] = choose_cpu_precision(
+                features, in_channels, "predict", available_candidates("predict")).to_dict()
     return record
 
 
