@@ -13,14 +13,15 @@ waiting     ``openmp_environment()``: how idle OpenMP threads wait between paral
             ``prepare_openmp_environment()`` must run before that; the command line does it
             first thing. A variable the user has set is never changed.
 precision   ``choose_cpu_precision(...)``: fp32 against bf16 (and int8 for prediction, which a
-            model then runs only if it passes ``training.quantize.int8_gate``), then the memory layout, channels_last against contiguous, for the
-            winner (whole U-Net probe: the layout's cost is in pooling, up-sampling and joins
-            too, not only in the convolutions). Precisions are timed on the model's own layer widths
-            (one DoubleConv block at the first and the last encoder width of the configured
-            U-Net), forward + backward for training and forward for prediction, interleaved,
-            2-6 s in all (the seed model). The result is cached per (CPU model, torch version,
-            model shape, purpose) in ``cache_folder()/cpu_precision.json`` (safe to delete: it is measured
-            again) and logged as one line.
+            model then runs only if it passes ``training.quantize.int8_gate``), then the memory
+            layout, channels_last against contiguous, for the winner (whole U-Net probe: the
+            layout's cost is in pooling, up-sampling and joins too, not only in the
+            convolutions). Precisions are timed on the model's own layer widths (one DoubleConv
+            block at the first and the last encoder width of the configured U-Net), forward +
+            backward for training and forward for prediction, interleaved, 2-6 s in all (the seed
+            model). The result is cached per (CPU model, torch version, model shape, purpose) in
+            ``cache_folder()/cpu_precision.json`` (safe to delete: it is measured again) and
+            logged as one line.
 
 Only the standard library is imported at module level, so ``prepare_openmp_environment`` can
 run before torch is loaded.

@@ -278,8 +278,8 @@ def int8_gate(model: nn.Module, cfg: TrainConfig, params: PreprocessParams, log=
         gate = json.loads(gate_path.read_text())
         float(gate["agreement"])
     except (OSError, ValueError, KeyError, TypeError):
-        batches = calibration_batches(params, cfg.in_channels, GATE_SLICES, batch_size=4, seed=GATE_SEED)
-        images = torch.from_numpy(np.concatenate(batches))
+        images = torch.from_numpy(calibration_batches(params, cfg.in_channels, GATE_SLICES, GATE_SLICES,
+                                                      seed=GATE_SEED)[0])  # (GATE_SLICES, C, H, W)
         with torch.inference_mode():
             reference = torch.cat([model(batch) for batch in images.split(4)]).argmax(1)
             quantized = int8(images).argmax(1)
