@@ -155,6 +155,11 @@ class PrecisionChoice:
         return asdict(self)
 
 
+def log_line(line: str) -> None:
+    """Where a one-line decision goes by default (precision, layout, int8 gate): stderr."""
+    print(line, file=sys.stderr, flush=True)
+
+
 def cpu_model_name() -> str:
     """The CPU's model string (``/proc/cpuinfo`` "model name"), else ``platform.processor()``."""
     try:
@@ -228,7 +233,7 @@ def choose_cpu_precision(features: Sequence[int] = (64, 128, 256, 512), in_chann
         ``LAYOUT_MARGIN`` faster contiguous); ``how`` is ``"cache"`` when it came from the cache file.
     """
     candidates = tuple(candidates or available_candidates(purpose))
-    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    log = log or log_line
     key = calibration_key(features, in_channels, purpose, candidates)
     cached = read_cached_choice(key) if use_cache else None
     if cached is not None:

@@ -26,7 +26,6 @@ import io
 import json
 import logging
 import os
-import sys
 import warnings
 from collections.abc import Iterable, Sequence
 from contextlib import redirect_stdout
@@ -38,7 +37,7 @@ from torch import nn
 
 from network.unet import fold_batchnorm
 from training.config import TrainConfig
-from training.cpu import cache_folder, usable_cpu_count
+from training.cpu import cache_folder, log_line, usable_cpu_count
 from utils.errors import UserError
 from utils.files import atomic_path, write_json
 from utils.labels import ORGANS
@@ -103,8 +102,8 @@ def prediction_model(model: nn.Module, cfg: TrainConfig, params: PreprocessParam
             gate = int8_gate(model, cfg, params, log=log)
             if gate["passed"]:
                 return gate["model"], None, "int8", cfg.channels_last
-            others = tuple(name for name in candidates if name != "int8")
-            choice = choose_cpu_precision(cfg.features, cfg.in_channels, "predict", others, log=log)
+            choice = choose_cpu_precision(cfg.features, cfg.in_channels, "predict", available_candidates("predict"),
+                                          log=log)  # the fastest without int8
         precision, channels_last = choice.precision, cfg.channels_last and choice.channels_last
     else:
         channels_last = cfg.channels_last
@@ -271,7 +270,7 @@ def int8_gate(model: nn.Module, cfg: TrainConfig, params: PreprocessParams, log=
     Returns:
         ``{"passed", "agreement", "min_agreement", "slices", "model": the OnnxModel}``.
     """
-    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    log = log or log_line
     int8 = int8_model(model, cfg, params, log=log)
     gate_path = int8.path.with_name(f"{int8.path.stem}.gate.json")
     try:
