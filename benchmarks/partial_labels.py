@@ -26,8 +26,10 @@ is one JSON object with one object per arm.
 
 ``--long`` asks whether the gap to fully labelled closes with training: the marginal and full
 arms only, the same configuration trained ``LONG_EPOCHS`` epochs instead of ``TRAIN.epochs``
-(about 50 minutes on 2 CPU cores), scored on the same test phantoms with a paired test of
-marginal against full.
+(about an hour on 2 CPU cores), scored on the same test phantoms with a paired test of
+marginal against full. ``--arms`` names the arms to run (marginal always among them); runs that
+``OUT/partial_labels.json`` already holds for the same settings, configuration and test seed are
+reused, not trained again, so a study can be finished or extended an arm at a time.
 """
 
 from __future__ import annotations
@@ -198,6 +200,20 @@ def paired_tests(results: dict, organs: list[int]) -> dict:
     return tests
 
 
+def finished_runs(report_path: Path, settings: dict, cfg: TrainConfig) -> dict[tuple[str, int], dict]:
+    """``{(arm, seed): run}`` from an earlier report of this script with the same settings,
+    training configuration and test seed; empty when there is none or anything differs."""
+    if not report_path.exists():
+        return {}
+    report = json.loads(report_path.read_text())
+    same = (report.get("settings") == settings and report.get("train") == json_safe(cfg.to_dict())
+            and report.get("test_seed") == TEST_SEED)
+    if not same:
+        print(f"{report_path}: other settings; its runs are not reused", flush=True)
+        return {}
+    return {(arm, run["seed"]): run for arm, runs in report.get("runs", {}).items() for run in runs}
+
+
 def estimate_minutes(results: dict, data_seconds: float, settings: dict, cfg: TrainConfig,
                      full_train: TrainConfig = TRAIN) -> float:
     """Minutes the full study should take here, from this run's timings: training steps at the
@@ -232,35 +248,42 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="smoke run: few small phantoms, 2 seeds, 8 steps")
     parser.add_argument("--long", action="store_true",
                         help=f"marginal and full only, {LONG_EPOCHS} epochs: does the gap to full close?")
+    parser.add_argument("--arms", help="comma-separated arms to run, marginal among them "
+                                       "(default: all four; with --long: marginal,full)")
     parser.add_argument("--keep", action="store_true", help="keep phantoms, runs and predictions")
     args = parser.parse_args(argv)
+    arms = tuple(args.arms.split(",")) if args.arms else LONG_ARMS if args.long else tuple(ARMS)
+    if "marginal" not in arms or not set(arms) <= set(ARMS):
+        parser.error(f"--arms {args.arms}: name arms of {', '.join(ARMS)}, marginal among them")
     settings = {**SETTINGS, **(QUICK_SETTINGS if args.quick else {})}
     full_train = TRAIN.replace(epochs=LONG_EPOCHS) if args.long else TRAIN
     cfg = full_train.replace(**(QUICK_TRAIN if args.quick else {}))
     seeds = QUICK_SEEDS if args.quick else TRAINING_SEEDS
-    arms = LONG_ARMS if args.long else tuple(ARMS)
+    finished = finished_runs(args.out / "partial_labels.json", settings, cfg)
     work = args.out / "work"
     started = time.perf_counter()
     folders = make_data(work, settings)
     data_seconds = time.perf_counter() - started
     organs = unannotated_organs()
-    results: dict[str, list[dict]] = {arm: [] for arm in arms}
+    results: dict[str, list[dict]] = {arm: [] for arm in ARMS if arm in arms}  # in ARMS order
     for seed in seeds:
-        for arm in arms:
-            run = run_arm(arm, seed, cfg, folders, work)
+        for arm in results:
+            reused = (arm, seed) in finished
+            run = finished[arm, seed] if reused else run_arm(arm, seed, cfg, folders, work)
             results[arm].append(run)
             print(f"{arm} seed {seed}: unannotated Dice {organ_mean(run['dice'], organs):.3f} "
-                  f"({sum(run['seconds'].values()):.0f} s, {run['seconds_per_step']:.2f} s/step)", flush=True)
+                  f"({sum(run['seconds'].values()):.0f} s, {run['seconds_per_step']:.2f} s/step"
+                  f"{', from the earlier report' if reused else ''})", flush=True)
         if seed == seeds[0] and not args.quick:
             print(f"estimated total: {estimate_minutes(results, data_seconds, settings, cfg, full_train):.0f} min",
                   flush=True)
     summaries = {arm: summarize_arm(runs, organs) for arm, runs in results.items()}
     summaries["marginal"].update(paired_tests(results, organs))
     steps = f", {cfg.epochs * cfg.steps_per_epoch} steps" if args.long else ""
-    chart = dice_bar_chart({arm: summaries[arm]["dice"] for arm in arms},  # every organ, in id order
+    chart = dice_bar_chart({arm: summaries[arm]["dice"] for arm in results},  # every organ, in id order
                            title=f"Test-set Dice, mean +- SD over {len(seeds)} seeds "
                                  f"({settings['test_cases']} test phantoms{steps})")
-    add_error_bars(chart, [[summaries[arm]["sd"][name] for name in ORGANS[1:]] for arm in arms])
+    add_error_bars(chart, [[summaries[arm]["sd"][name] for name in ORGANS[1:]] for arm in results])
     save_figure(chart, args.out / "partial_labels.png")
     if args.chart:
         save_figure(chart, args.chart)
@@ -268,6 +291,7 @@ def main(argv=None) -> dict:
                 "training_seeds": list(seeds),
                 "test_seed": TEST_SEED, "test_cases": settings["test_cases"],
                 "seconds": round(time.perf_counter() - started, 1), "quick": args.quick, "long": args.long,
+                "reused_runs": sum((arm, run["seed"]) in finished for arm, runs in results.items() for run in runs),
                 "estimated_full_minutes": estimate_minutes(results, data_seconds, settings, cfg, full_train)}
     write_json(args.out / "partial_labels.json", {**headline, "settings": settings, "train": cfg.to_dict(),
                                                   "runs": results})

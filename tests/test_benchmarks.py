@@ -96,6 +96,8 @@ def test_partial_labels_quick_run_writes_its_report_and_chart(tmp_path):
     for key in ("p_value_vs_seed_way", "p_value_vs_marginal_only"):
         assert result["marginal"][key] is None or 0 < result["marginal"][key] <= 1
     assert result["marginal"]["n_test_cases"] == result["test_cases"] == 2
+    assert abs(result["marginal"]["gap_to_full"]
+               - (result["full"]["mean_dice_unannotated"] - result["marginal"]["mean_dice_unannotated"])) < 1e-12
     assert result["estimated_full_minutes"] > 0 and result["quick"] is True
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["partial_labels.json", "partial_labels.png"]
     report = json.loads((tmp_path / "out" / "partial_labels.json").read_text())

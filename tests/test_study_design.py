@@ -13,6 +13,7 @@ def test_partial_labels_study_is_sized_as_promised():
     assert study.TEST_SEED == TEST_SEEDS["partial_labels"] and study.TEST_SEED not in used_elsewhere
     assert len(set(TEST_SEEDS.values())) == len(TEST_SEEDS)
     assert set(study.ARMS) == {"seed_way", "marginal_only", "marginal", "full"}
+    assert set(study.LONG_ARMS) == {"marginal", "full"} and study.LONG_EPOCHS > study.TRAIN.epochs
 
 
 def test_every_arm_shares_the_one_config_but_its_preset():
@@ -23,3 +24,23 @@ def test_every_arm_shares_the_one_config_but_its_preset():
         assert {k: v for k, v in config.items() if k not in switches} == \
             {k: v for k, v in study.TRAIN.to_dict().items() if k not in switches}
     assert study.with_partial_labels(study.TRAIN, "marginal").exclusion == "published"
+
+
+def test_paired_tests_compare_marginal_with_the_arms_that_ran():
+    """--long runs marginal and full only: the tests against full and the gap, nothing else."""
+    organs = study.unannotated_organs()
+    names = [study.ORGANS[organ] for organ in organs]
+
+    def run(seed: int, case_values: list[float]) -> dict:  # every unannotated organ gets the case's value
+        cases = {f"Case_{i}": dict.fromkeys(names, value) for i, value in enumerate(case_values)}
+        return {"seed": seed, "case_dice": cases, "dice": dict.fromkeys(names, sum(case_values) / len(case_values))}
+
+    marginal = [0.50, 0.60, 0.55, 0.70, 0.65, 0.40]
+    full = [value + 0.1 + 0.01 * i for i, value in enumerate(marginal)]  # full wins every case
+    results = {"marginal": [run(0, marginal), run(1, marginal)], "full": [run(0, full), run(1, full)]}
+    tests = study.paired_tests(results, organs)
+    assert set(tests) == {"p_value_vs_full", "median_difference_vs_full", "n_test_cases", "gap_to_full"}
+    assert abs(tests["gap_to_full"] - 0.125) < 1e-12  # 0.1 + mean of 0.00 .. 0.05, by hand
+    assert abs(tests["median_difference_vs_full"] + 0.125) < 1e-12  # marginal - full: median of -0.10 .. -0.15
+    assert tests["p_value_vs_full"] == 2 / 2**6 and tests["n_test_cases"] == 6  # exact two-sided, all one sign
+
