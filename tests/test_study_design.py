@@ -1,5 +1,7 @@
 """The partial-label study's design, checked without running it: seeds, sizes, arms, config."""
 
+import pytest
+
 from benchmarks import partial_labels as study
 from training.config import PARTIAL_LABEL_PRESETS
 from utils.phantom import PHANTOM_SEEDS, TEST_SEEDS
@@ -44,3 +46,25 @@ def test_paired_tests_compare_marginal_with_the_arms_that_ran():
     assert abs(tests["median_difference_vs_full"] + 0.125) < 1e-12  # marginal - full: median of -0.10 .. -0.15
     assert tests["p_value_vs_full"] == 2 / 2**6 and tests["n_test_cases"] == 6  # exact two-sided, all one sign
 
+
+
+def test_finished_runs_are_reused_only_from_a_report_of_the_same_study(tmp_path, capsys):
+    report = tmp_path / "partial_labels.json"
+    assert study.finished_runs(report, study.SETTINGS, study.TRAIN) == {}  # no report yet
+    runs = {"marginal": [{"seed": 0, "dice": {}}, {"seed": 1, "dice": {}}], "full": [{"seed": 0, "dice": {}}]}
+    study.write_json(report, {"settings": study.SETTINGS, "train": study.TRAIN.to_dict(),
+                              "test_seed": study.TEST_SEED, "runs": runs})
+    assert sorted(study.finished_runs(report, study.SETTINGS, study.TRAIN)) == [
+        ("full", 0), ("marginal", 0), ("marginal", 1)]
+    longer = study.TRAIN.replace(epochs=study.LONG_EPOCHS)  # another configuration: nothing reused
+    assert study.finished_runs(report, study.SETTINGS, longer) == {}
+    assert study.finished_runs(report, {**study.SETTINGS, "test_cases": 4}, study.TRAIN) == {}
+    assert "not reused" in capsys.readouterr().out
+
+
+def test_arms_without_marginal_or_unknown_are_refused_before_any_work(tmp_path, capsys):
+    for arms in ("full,seed_way", "marginal,teacher"):
+        with pytest.raises(SystemExit) as stopped:
+            study.main(["--arms", arms, "--out", str(tmp_path / "out")])
+        assert stopped.value.code == 2 and arms in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
