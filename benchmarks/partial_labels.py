@@ -26,10 +26,15 @@ is one JSON object with one object per arm.
 
 ``--long`` asks whether the gap to fully labelled closes with training: the marginal and full
 arms only, the same configuration trained ``LONG_EPOCHS`` epochs instead of ``TRAIN.epochs``
-(about an hour on 2 CPU cores), scored on the same test phantoms with a paired test of
-marginal against full. ``--arms`` names the arms to run (marginal always among them); runs that
-``OUT/partial_labels.json`` already holds for the same settings, configuration and test seed are
-reused, not trained again, so a study can be finished or extended an arm at a time.
+(59 min on a 2-core AMD EPYC), scored on the same test phantoms with a paired test of
+marginal against full. ``--arms`` names the arms to run (marginal always among them).
+
+``OUT`` is claimed as abdoseg's output folder (``utils.output_folder``: a folder of the user's is
+refused, exit 2). The report is rewritten after every finished run, and runs that it holds for
+the same settings, configuration and test seed are reused, not trained again: a stopped study
+resumes where it stopped, and a study can be extended an arm at a time. Phantoms, checkpoints and
+predictions live in a ``work-*`` folder made inside ``OUT`` for this run and deleted after it
+(``--keep`` keeps it).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import json
 import math
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -53,8 +59,10 @@ from training.predict import predict_files  # noqa: E402
 from training.train import fit  # noqa: E402
 from training.visualization import dice_bar_chart, save_figure  # noqa: E402
 from utils.augment import AugmentParams  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 from utils.files import json_safe, write_json  # noqa: E402
 from utils.labels import EXAMPLE_PKU_MAP, ORGANS, get_source, scoreable_classes  # noqa: E402
+from utils.output_folder import claim_output_folder  # noqa: E402
 from utils.phantom import TEST_SEEDS, write_phantom_dataset  # noqa: E402
 from utils.preprocess_data import PreprocessParams, preprocess_dataset  # noqa: E402
 from utils.statistics import mean_sd, paired_wilcoxon  # noqa: E402
@@ -214,6 +222,12 @@ def finished_runs(report_path: Path, settings: dict, cfg: TrainConfig) -> dict[t
     return {(arm, run["seed"]): run for arm, runs in report.get("runs", {}).items() for run in runs}
 
 
+def runs_by_arm(runs: dict[tuple[str, int], dict]) -> dict[str, list[dict]]:
+    """``{(arm, seed): run}`` as the report stores it: ``{arm: [run, ...]}``, arms in ``ARMS`` order."""
+    return {arm: [runs[key] for key in sorted(runs) if key[0] == arm] for arm in ARMS
+            if any(key[0] == arm for key in runs)}
+
+
 def estimate_minutes(results: dict, data_seconds: float, settings: dict, cfg: TrainConfig,
                      full_train: TrainConfig = TRAIN) -> float:
     """Minutes the full study should take here, from this run's timings: training steps at the
@@ -250,17 +264,40 @@ def main(argv=None) -> dict:
                         help=f"marginal and full only, {LONG_EPOCHS} epochs: does the gap to full close?")
     parser.add_argument("--arms", help="comma-separated arms to run, marginal among them "
                                        "(default: all four; with --long: marginal,full)")
-    parser.add_argument("--keep", action="store_true", help="keep phantoms, runs and predictions")
+    parser.add_argument("--keep", action="store_true", help="keep phantoms, runs and predictions (OUT/work-*)")
     args = parser.parse_args(argv)
     arms = tuple(args.arms.split(",")) if args.arms else LONG_ARMS if args.long else tuple(ARMS)
     if "marginal" not in arms or not set(arms) <= set(ARMS):
         parser.error(f"--arms {args.arms}: name arms of {', '.join(ARMS)}, marginal among them")
+    try:  # OUT is abdoseg's: new, empty or an earlier study's; a user's folder is refused
+        out = claim_output_folder(args.out, "partial-labels")
+        for name in ("partial_labels.json", "partial_labels.png"):
+            out.prepare(name, replace=True)  # refused now, not after an hour of training
+    except UserError as err:
+        parser.exit(2, f"error: {err}\n")
+    work = Path(tempfile.mkdtemp(prefix="work-", dir=out.path))  # made here, so deleted here
+    try:
+        headline = run_study(args, arms, work, out.path)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    out.close()
+    if args.keep:
+        print(f"kept: {work}", flush=True)
+    print(json.dumps(json_safe(headline), allow_nan=False))
+    return headline
+
+
+def run_study(args: argparse.Namespace, arms: tuple[str, ...], work: Path, out: Path) -> dict:
+    """Train and score every (arm, seed) that ``out``'s report does not hold yet, in ``work``;
+    write the report and chart to ``out``; returns the headline."""
     settings = {**SETTINGS, **(QUICK_SETTINGS if args.quick else {})}
     full_train = TRAIN.replace(epochs=LONG_EPOCHS) if args.long else TRAIN
     cfg = full_train.replace(**(QUICK_TRAIN if args.quick else {}))
     seeds = QUICK_SEEDS if args.quick else TRAINING_SEEDS
-    finished = finished_runs(args.out / "partial_labels.json", settings, cfg)
-    work = args.out / "work"
+    report = out / "partial_labels.json"
+    finished = finished_runs(report, settings, cfg)
+    known = dict(finished)  # every finished run of this study, saved after each: a stopped study resumes
     started = time.perf_counter()
     folders = make_data(work, settings)
     data_seconds = time.perf_counter() - started
@@ -271,6 +308,10 @@ def main(argv=None) -> dict:
             reused = (arm, seed) in finished
             run = finished[arm, seed] if reused else run_arm(arm, seed, cfg, folders, work)
             results[arm].append(run)
+            if not reused:
+                known[arm, seed] = run
+                write_json(report, {"complete": False, "settings": settings, "train": cfg.to_dict(),
+                                    "test_seed": TEST_SEED, "runs": runs_by_arm(known)})
             print(f"{arm} seed {seed}: unannotated Dice {organ_mean(run['dice'], organs):.3f} "
                   f"({sum(run['seconds'].values()):.0f} s, {run['seconds_per_step']:.2f} s/step"
                   f"{', from the earlier report' if reused else ''})", flush=True)
@@ -284,7 +325,7 @@ def main(argv=None) -> dict:
                            title=f"Test-set Dice, mean +- SD over {len(seeds)} seeds "
                                  f"({settings['test_cases']} test phantoms{steps})")
     add_error_bars(chart, [[summaries[arm]["sd"][name] for name in ORGANS[1:]] for arm in results])
-    save_figure(chart, args.out / "partial_labels.png")
+    save_figure(chart, out / "partial_labels.png")
     if args.chart:
         save_figure(chart, args.chart)
     headline = {**summaries, "cpu_model": cpu_model_name(), "unannotated_organs": [ORGANS[i] for i in organs],
@@ -293,11 +334,7 @@ def main(argv=None) -> dict:
                 "seconds": round(time.perf_counter() - started, 1), "quick": args.quick, "long": args.long,
                 "reused_runs": sum((arm, run["seed"]) in finished for arm, runs in results.items() for run in runs),
                 "estimated_full_minutes": estimate_minutes(results, data_seconds, settings, cfg, full_train)}
-    write_json(args.out / "partial_labels.json", {**headline, "settings": settings, "train": cfg.to_dict(),
-                                                  "runs": results})
-    if not args.keep:
-        shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps(json_safe(headline), allow_nan=False))
+    write_json(report, {**headline, "settings": settings, "train": cfg.to_dict(), "runs": runs_by_arm(known)})
     return headline
 
 

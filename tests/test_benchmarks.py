@@ -99,11 +99,24 @@ def test_partial_labels_quick_run_writes_its_report_and_chart(tmp_path):
     assert abs(result["marginal"]["gap_to_full"]
                - (result["full"]["mean_dice_unannotated"] - result["marginal"]["mean_dice_unannotated"])) < 1e-12
     assert result["estimated_full_minutes"] > 0 and result["quick"] is True
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["partial_labels.json", "partial_labels.png"]
+    # the work folder (phantoms, checkpoints) is gone; abdoseg's marker stays
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        ".abdoseg-output.json", "partial_labels.json", "partial_labels.png"]
     report = json.loads((tmp_path / "out" / "partial_labels.json").read_text())
     assert report["train"]["exclusion"] == "published" and report["runs"].keys() == {
         "seed_way", "marginal_only", "marginal", "full"}
     assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    again = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "partial_labels.py"), "--quick",
+                            "--arms", "marginal,full", "--out", str(tmp_path / "out")], cwd=tmp_path,
+                           env=env, capture_output=True, text=True, timeout=1200)
+    assert again.returncode == 0, again.stderr[-3000:]
+    rerun = json.loads(again.stdout.strip().splitlines()[-1])
+    assert rerun["reused_runs"] == 4 and set(rerun) >= {"marginal", "full"} and "seed_way" not in rerun
+    for arm in ("marginal", "full"):  # the same runs, so the same numbers
+        assert rerun[arm]["per_seed"] == result[arm]["per_seed"]
+    kept = json.loads((tmp_path / "out" / "partial_labels.json").read_text())["runs"]
+    assert kept == report["runs"]  # the runs of the arms not named this time stay in the report
 
 
 def test_inference_quick_run_reports_each_slice_count(tmp_path):

@@ -1,5 +1,7 @@
 """The partial-label study's design, checked without running it: seeds, sizes, arms, config."""
 
+import json
+
 import pytest
 
 from benchmarks import partial_labels as study
@@ -47,7 +49,6 @@ def test_paired_tests_compare_marginal_with_the_arms_that_ran():
     assert tests["p_value_vs_full"] == 2 / 2**6 and tests["n_test_cases"] == 6  # exact two-sided, all one sign
 
 
-
 def test_finished_runs_are_reused_only_from_a_report_of_the_same_study(tmp_path, capsys):
     report = tmp_path / "partial_labels.json"
     assert study.finished_runs(report, study.SETTINGS, study.TRAIN) == {}  # no report yet
@@ -68,3 +69,41 @@ def test_arms_without_marginal_or_unknown_are_refused_before_any_work(tmp_path, 
             study.main(["--arms", arms, "--out", str(tmp_path / "out")])
         assert stopped.value.code == 2 and arms in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_users_folder_is_refused_as_out_and_left_as_it_is(tmp_path, capsys):
+    mine = tmp_path / "mine"
+    (mine / "work").mkdir(parents=True)
+    (mine / "work" / "notes.txt").write_text("my notes")
+    with pytest.raises(SystemExit) as stopped:
+        study.main(["--quick", "--out", str(mine)])
+    assert stopped.value.code == 2 and "mine" in capsys.readouterr().err
+    assert sorted(p.relative_to(mine).as_posix() for p in mine.rglob("*")) == ["work", "work/notes.txt"]
+
+
+def test_runs_by_arm_orders_arms_as_the_study_and_seeds_ascending():
+    runs = {("full", 1): "f1", ("marginal", 2): "m2", ("full", 0): "f0", ("seed_way", 0): "s0"}
+    assert study.runs_by_arm(runs) == {"seed_way": ["s0"], "marginal": ["m2"], "full": ["f0", "f1"]}
+
+
+def test_a_stopped_study_keeps_its_finished_runs_for_the_next_invocation(tmp_path, monkeypatch):
+    """Stopped during its second run: the report holds the first, and the work folder is gone."""
+    real_run_arm, calls = study.run_arm, []
+
+    def stopped_on_the_second_run(*args, **kwargs):
+        calls.append(args[:2])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_run_arm(*args, **kwargs)
+
+    monkeypatch.setattr(study, "run_arm", stopped_on_the_second_run)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        study.main(["--quick", "--out", str(out)])
+    report = json.loads((out / "partial_labels.json").read_text())
+    assert report["complete"] is False and list(report["runs"]) == ["seed_way"]
+    assert [run["seed"] for run in report["runs"]["seed_way"]] == [0]
+    assert not list(out.glob("work-*"))  # phantoms and checkpoints do not outlive the run
+    settings = {**study.SETTINGS, **study.QUICK_SETTINGS}
+    cfg = study.TRAIN.replace(**study.QUICK_TRAIN)
+    assert list(study.finished_runs(out / "partial_labels.json", settings, cfg)) == [("seed_way", 0)]
