@@ -18,6 +18,9 @@ def test_partial_labels_study_is_sized_as_promised():
     assert len(set(TEST_SEEDS.values())) == len(TEST_SEEDS)
     assert set(study.ARMS) == {"seed_way", "marginal_only", "marginal", "full"}
     assert set(study.LONG_ARMS) == {"marginal", "full"} and study.LONG_EPOCHS > study.TRAIN.epochs
+    # the long study's length was chosen after seeing the 600-step test results: its own test phantoms
+    assert study.LONG_TEST_SEED == TEST_SEEDS["partial_labels_long"] and study.LONG_TEST_SEED not in {
+        *PHANTOM_SEEDS.values(), *study.DATA_SEEDS.values(), study.TEST_SEED}
 
 
 def test_every_arm_shares_the_one_config_but_its_preset():
@@ -107,3 +110,4 @@ def test_a_stopped_study_keeps_its_finished_runs_for_the_next_invocation(tmp_pat
     settings = {**study.SETTINGS, **study.QUICK_SETTINGS}
     cfg = study.TRAIN.replace(**study.QUICK_TRAIN)
     assert list(study.finished_runs(out / "partial_labels.json", settings, cfg)) == [("seed_way", 0)]
+    assert study.finished_runs(out / "partial_labels.json", settings, cfg, study.LONG_TEST_SEED) == {}
