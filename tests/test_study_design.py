@@ -94,7 +94,7 @@ def test_a_stopped_study_keeps_its_finished_runs_for_the_next_invocation(tmp_pat
     real_run_arm, calls = study.run_arm, []
 
     def stopped_on_the_second_run(*args, **kwargs):
-        calls.append(args[:2])
+        calls.append(args)
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real_run_arm(*args, **kwargs)
@@ -106,6 +106,7 @@ def test_a_stopped_study_keeps_its_finished_runs_for_the_next_invocation(tmp_pat
     report = json.loads((out / "partial_labels.json").read_text())
     assert report["complete"] is False and list(report["runs"]) == ["seed_way"]
     assert [run["seed"] for run in report["runs"]["seed_way"]] == [0]
+    assert calls[0][-1] == "fp32" and report["settings"]["predict_precision"] == "fp32"  # one precision for all arms
     assert not list(out.glob("work-*"))  # phantoms and checkpoints do not outlive the run
     settings = {**study.SETTINGS, **study.QUICK_SETTINGS}
     cfg = study.TRAIN.replace(**study.QUICK_TRAIN)
