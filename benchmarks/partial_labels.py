@@ -143,19 +143,31 @@ def run_arm(arm: str, seed: int, cfg: TrainConfig, folders: dict, root: Path, pr
     labels, preset = ARMS[arm]
     name = f"{arm}_seed{seed}"
     run, test = root / "runs" / name, root / "raw" / "test"
-    seconds, started = {}, time.perf_counter()
+    started = time.perf_counter()
     last = fit(with_partial_labels(cfg.replace(seed=seed), preset), folders[labels], run, overwrite=True,
                progress=False)
-    seconds["fit"], started = time.perf_counter() - started, time.perf_counter()
+    seconds = {"fit": round(time.perf_counter() - started, 2)}
+    score = score_run(run, test, root, name, precision)
+    return {"seed": seed, "dice": score["dice"], "case_dice": score["case_dice"],
+            "seconds_per_step": cfg.batch_size / last["images_per_s"], "seconds": {**seconds, **score["seconds"]}}
+
+
+def score_run(run: Path, test: Path, root: Path, name: str, precision: str = "fp32") -> dict:
+    """Predict the test phantoms in `test` with `run`'s best.pt (in `precision`) into
+    ``root/pred/name`` and score them in ``root/eval/name``.
+
+    Returns ``{"dice": {organ: mean over test cases}, "case_dice": {case: {organ: Dice}},
+    "seconds": {"predict", "evaluate"}}``.
+    """
     best = run / "checkpoints" / "best.pt"  # absent only if no validation case had a scoreable organ
+    started = time.perf_counter()
     predict_files(best if best.exists() else run / "checkpoints" / "last.pt", test / "Image", root / "pred" / name,
                   progress=False, precision=precision, overwrite=True)
-    seconds["predict"], started = time.perf_counter() - started, time.perf_counter()
+    seconds, started = {"predict": time.perf_counter() - started}, time.perf_counter()
     summary = evaluate_folders(root / "pred" / name, test / "Mask", "full", root / "eval" / name, progress=False,
                                overwrite=True)
     seconds["evaluate"] = time.perf_counter() - started
-    return {"seed": seed, "dice": summary["dice"], "case_dice": read_case_dice(root / "eval" / name / "metrics.csv"),
-            "seconds_per_step": cfg.batch_size / last["images_per_s"],
+    return {"dice": summary["dice"], "case_dice": read_case_dice(root / "eval" / name / "metrics.csv"),
             "seconds": {key: round(value, 2) for key, value in seconds.items()}}
 
 
@@ -212,6 +224,20 @@ def paired_tests(results: dict, organs: list[int]) -> dict:
                  for arm in ("marginal", "full")}
         tests["gap_to_full"] = means["full"] - means["marginal"]
     return tests
+
+
+def summarize_study(results: dict[str, list[dict]], organs: list[int]) -> dict:
+    """``{arm: summarize_arm(...)}``, with marginal's paired tests added to its entry."""
+    summaries = {arm: summarize_arm(runs, organs) for arm, runs in results.items()}
+    summaries["marginal"].update(paired_tests(results, organs))
+    return summaries
+
+
+def study_chart(summaries: dict, title: str):
+    """Test-set Dice per organ (in id order), one bar per arm, error bars = SD over seeds."""
+    chart = dice_bar_chart({arm: summary["dice"] for arm, summary in summaries.items()}, title=title)
+    add_error_bars(chart, [[summary["sd"][name] for name in ORGANS[1:]] for summary in summaries.values()])
+    return chart
 
 
 def finished_runs(report_path: Path, settings: dict, cfg: TrainConfig,
@@ -327,13 +353,10 @@ def run_study(args: argparse.Namespace, arms: tuple[str, ...], work: Path, out: 
         if seed == seeds[0] and not args.quick:
             print(f"estimated total: {estimate_minutes(results, data_seconds, settings, cfg, full_train):.0f} min",
                   flush=True)
-    summaries = {arm: summarize_arm(runs, organs) for arm, runs in results.items()}
-    summaries["marginal"].update(paired_tests(results, organs))
+    summaries = summarize_study(results, organs)
     steps = f", {cfg.epochs * cfg.steps_per_epoch} steps" if args.long else ""
-    chart = dice_bar_chart({arm: summaries[arm]["dice"] for arm in results},  # every organ, in id order
-                           title=f"Test-set Dice, mean +- SD over {len(seeds)} seeds "
-                                 f"({settings['test_cases']} test phantoms{steps})")
-    add_error_bars(chart, [[summaries[arm]["sd"][name] for name in ORGANS[1:]] for arm in results])
+    chart = study_chart(summaries, f"Test-set Dice, mean +- SD over {len(seeds)} seeds "
+                                   f"({settings['test_cases']} test phantoms{steps})")
     save_figure(chart, out / "partial_labels.png")
     if args.chart:
         save_figure(chart, args.chart)

@@ -6,7 +6,6 @@ its headline keys, and leaves no temporary files behind.
 """
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -117,6 +116,36 @@ def test_partial_labels_quick_run_writes_its_report_and_chart(tmp_path):
         assert rerun[arm]["per_seed"] == result[arm]["per_seed"]
     kept = json.loads((tmp_path / "out" / "partial_labels.json").read_text())["runs"]
     assert kept == report["runs"]  # the runs of the arms not named this time stay in the report
+
+
+def test_partial_labels_rescore_reproduces_the_study_from_its_kept_runs(tmp_path):
+    """The kept checkpoints, scored again on the study's test seed and precision, give its numbers."""
+    env = {**os.environ, "TMPDIR": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""}
+
+    def script(name, *args):
+        return subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / name), *map(str, args)], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=1200)
+
+    done = script("partial_labels.py", "--quick", "--arms", "marginal,full", "--keep", "--out", tmp_path / "study")
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = json.loads(done.stdout.strip().splitlines()[-1])
+    work = next(line[len("kept: "):] for line in done.stdout.splitlines() if line.startswith("kept: "))
+    again = script("partial_labels_rescore.py", work, "--out", tmp_path / "rescored")
+    assert again.returncode == 0, again.stderr[-3000:]
+    rescored = json.loads(again.stdout.strip().splitlines()[-1])
+    assert rescored["test_seed"] == study["test_seed"] and rescored["precision"] == "fp32"
+    for arm in ("marginal", "full"):
+        assert [run["mean_dice_unannotated"] for run in rescored[arm]["per_seed"]] == \
+            [run["mean_dice_unannotated"] for run in study[arm]["per_seed"]]
+        assert rescored[arm]["dice"] == study[arm]["dice"]
+    assert rescored["marginal"]["p_value_vs_full"] == study["marginal"]["p_value_vs_full"]
+    assert (tmp_path / "rescored" / "partial_labels.png").exists()
+    assert not list((tmp_path / "rescored").glob("work-*"))  # its scratch folder is gone
+
+    nothing_kept = script("partial_labels_rescore.py", tmp_path / "rescored", "--report",
+                          tmp_path / "study" / "partial_labels.json", "--out", tmp_path / "none")
+    assert nothing_kept.returncode == 2 and "no kept marginal run" in nothing_kept.stderr
+    assert len(nothing_kept.stderr.strip().splitlines()) == 1 and not (tmp_path / "none").exists()
 
 
 def test_inference_quick_run_reports_each_slice_count(tmp_path):
