@@ -118,6 +118,32 @@ def test_partial_labels_quick_run_writes_its_report_and_chart(tmp_path):
     assert kept == report["runs"]  # the runs of the arms not named this time stay in the report
 
 
+def test_partial_labels_tuning_scores_the_full_arm_on_validation_phantoms_only(tmp_path):
+    """The study's configuration was chosen on the fully labelled arm and validation phantoms
+    that no test set uses; --quick gives each batch-size candidate the same images."""
+    from benchmarks import partial_labels as study
+    from utils.phantom import TEST_SEEDS
+    env = {**os.environ, "TMPDIR": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "partial_labels_tuning.py"), "--quick",
+                           "--out", str(tmp_path / "out")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["arm"] == "full" and result["validation_seed"] == study.TUNING_SEED == 91
+    assert study.TUNING_SEED not in TEST_SEEDS.values()
+    candidates = result["candidates"]
+    assert set(candidates) == {"batch16_600_steps", "lr_0.01", "batch8_1200_steps", "batch4_2400_steps",
+                               "slices96_1000_steps"}
+    images = {name: candidates[name]["steps"] * candidates[name]["batch_size"]
+              for name in ("batch16_600_steps", "batch8_1200_steps", "batch4_2400_steps")}
+    assert set(images.values()) == {128}  # 2 epochs x 4 steps x 16, 8 x 8 x 2, 16 x 4 x 2
+    for values in candidates.values():
+        assert 0 <= values["mean_dice_unannotated"] <= 1 and len(values["dice"]) == 11
+    # the chosen candidate is the study's configuration
+    assert study.FIRST_TRAIN.replace(**candidates["batch8_1200_steps"]["train_changes"]) == study.TRAIN
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".abdoseg-output.json", "partial_labels_tuning.json"]
+
+
 def test_partial_labels_rescore_reproduces_the_study_from_its_kept_runs(tmp_path):
     """The kept checkpoints, scored again on the study's test seed and precision, give its numbers."""
     env = {**os.environ, "TMPDIR": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""}

@@ -20,8 +20,10 @@ from utils.volume_io import save_volume
 PHANTOM_SEEDS = {"pku": 1, "abdomenct1k": 2, "full": 3, "totalseg": 4}
 # Test phantoms (fully labelled) that were never looked at while choosing any setting: the demo
 # and the benchmarks report on these. Do not tune against them; pick new validation seeds instead.
-# partial_labels_long: the 1,600-step study, chosen after the 600-step results on seed 91 were seen
-TEST_SEEDS = {"demo": 90, "partial_labels": 91, "partial_labels_long": 92}
+# partial_labels_long: the 1,600-step study, chosen after the 600-step results on seed 91 were seen.
+# partial_labels was 91 until its batch size was chosen on those phantoms (benchmarks/partial_labels.py
+# TUNING_SEED); 91 is validation since, and may never be a test seed again.
+TEST_SEEDS = {"demo": 90, "partial_labels": 93, "partial_labels_long": 92}
 
 
 def case_id(seed: int, case_index: int) -> str:
