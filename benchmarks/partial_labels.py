@@ -44,6 +44,7 @@ predictions live in a ``work-*`` folder made inside ``OUT`` for this run and del
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
@@ -314,23 +315,35 @@ def main(argv=None) -> dict:
     arms = tuple(args.arms.split(",")) if args.arms else LONG_ARMS if args.long else tuple(ARMS)
     if "marginal" not in arms or not set(arms) <= set(ARMS):
         parser.error(f"--arms {args.arms}: name arms of {', '.join(ARMS)}, marginal among them")
-    try:  # OUT is abdoseg's: new, empty or an earlier study's; a user's folder is refused
-        out = claim_output_folder(args.out, "partial-labels")
-        for name in ("partial_labels.json", "partial_labels.png"):
+    # OUT is abdoseg's: new, empty or an earlier study's; a user's folder is refused
+    with claimed_folders(parser, args.out, "partial-labels", ("partial_labels.json", "partial_labels.png"),
+                         args.keep) as (out, work):
+        headline = run_study(args, arms, work, out.path)
+    print(json.dumps(json_safe(headline), allow_nan=False))
+    return headline
+
+
+@contextlib.contextmanager
+def claimed_folders(parser: argparse.ArgumentParser, folder: Path, command: str, names: tuple[str, ...],
+                    keep: bool = False, inputs: tuple[Path, ...] = ()):
+    """Claim `folder` as `command`'s output (a user's folder: one line, exit 2) with `names` made
+    replaceable up front, and yield ``(out, work)``: ``work`` a ``work-*`` folder made inside it
+    for this run, deleted on the way out unless `keep` (then its path is printed)."""
+    try:
+        out = claim_output_folder(folder, command, inputs=inputs)
+        for name in names:
             out.prepare(name, replace=True)  # refused now, not after an hour of training
     except UserError as err:
         parser.exit(2, f"error: {err}\n")
     work = Path(tempfile.mkdtemp(prefix="work-", dir=out.path))  # made here, so deleted here
     try:
-        headline = run_study(args, arms, work, out.path)
+        yield out, work
     finally:
-        if not args.keep:
+        if not keep:
             shutil.rmtree(work, ignore_errors=True)
     out.close()
-    if args.keep:
+    if keep:
         print(f"kept: {work}", flush=True)
-    print(json.dumps(json_safe(headline), allow_nan=False))
-    return headline
 
 
 def run_study(args: argparse.Namespace, arms: tuple[str, ...], work: Path, out: Path) -> dict:

@@ -20,20 +20,18 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import partial_labels as study  # noqa: E402
+from benchmarks.partial_labels import claimed_folders  # noqa: E402
 from training.cpu import cpu_model_name  # noqa: E402
 from training.visualization import save_figure  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.files import json_safe, write_json  # noqa: E402
-from utils.output_folder import claim_output_folder  # noqa: E402
 from utils.phantom import write_phantom_dataset  # noqa: E402
 
 RUN_NAME = re.compile(r"(?P<arm>[a-z_]+)_seed(?P<seed>\d+)")
@@ -79,17 +77,11 @@ def main(argv=None) -> dict:
     try:
         settings, runs = check_inputs(args.work, args.report or args.work.parent / "partial_labels.json",
                                       args.test_seed)
-        out = claim_output_folder(args.out, "partial-labels-rescore", inputs=[args.work])
-        for name in ("partial_labels.json", "partial_labels.png"):
-            out.prepare(name, replace=True)
     except UserError as err:
         parser.exit(2, f"error: {err}\n")
-    scratch = Path(tempfile.mkdtemp(prefix="work-", dir=out.path))
-    try:
+    with claimed_folders(parser, args.out, "partial-labels-rescore", ("partial_labels.json", "partial_labels.png"),
+                         inputs=(args.work,)) as (out, scratch):
         headline = rescore(runs, settings, args.test_seed, args.precision, scratch, out.path)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    out.close()
     print(json.dumps(json_safe(headline), allow_nan=False))
     return headline
 

@@ -16,19 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import partial_labels as study  # noqa: E402
+from benchmarks.partial_labels import claimed_folders  # noqa: E402
 from training.cpu import cpu_model_name  # noqa: E402
-from utils.errors import UserError  # noqa: E402
 from utils.files import json_safe, write_json  # noqa: E402
-from utils.output_folder import claim_output_folder  # noqa: E402
 
 # (changes to FIRST_TRAIN, changes to the study's SETTINGS): about the same images each
 CANDIDATES = {
@@ -47,21 +44,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="smoke run: the study's --quick sizes")
     parser.add_argument("--keep", action="store_true", help="keep phantoms, runs and predictions (OUT/work-*)")
     args = parser.parse_args(argv)
-    try:
-        out = claim_output_folder(args.out, "partial-labels-tuning")
-        out.prepare("partial_labels_tuning.json", replace=True)
-    except UserError as err:
-        parser.exit(2, f"error: {err}\n")
-    work = Path(tempfile.mkdtemp(prefix="work-", dir=out.path))
-    try:
+    with claimed_folders(parser, args.out, "partial-labels-tuning", ("partial_labels_tuning.json",),
+                         args.keep) as (out, work):
         results = {name: run_candidate(name, *changes, work, args.quick) for name, changes in CANDIDATES.items()}
-    finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
-    report = {"candidates": results, "cpu_model": cpu_model_name(), "arm": ARM, "training_seed": SEED,
-              "validation_seed": study.TUNING_SEED, "quick": args.quick}
-    write_json(out.path / "partial_labels_tuning.json", report)
-    out.close()
+        report = {"candidates": results, "cpu_model": cpu_model_name(), "arm": ARM, "training_seed": SEED,
+                  "validation_seed": study.TUNING_SEED, "quick": args.quick}
+        write_json(out.path / "partial_labels_tuning.json", report)
     print(json.dumps(json_safe(report), allow_nan=False))
     return report
 
@@ -74,7 +62,7 @@ def run_candidate(name: str, train_changes: dict, settings_changes: dict, work: 
     if quick:  # 2 epochs of a tenth of the steps: the candidates' images stay about equal
         cfg = cfg.replace(epochs=2, steps_per_epoch=max(cfg.steps_per_epoch // 10, 1),
                           val_max_slices=study.QUICK_TRAIN["val_max_slices"])
-    root = work / name
+    root = work / name  # each candidate's own phantoms (identical for equal settings; ~20 s each)
     started = time.perf_counter()
     folders = study.make_data(root, settings, study.TUNING_SEED)
     run = study.run_arm(ARM, SEED, cfg, folders, root, settings["predict_precision"])
