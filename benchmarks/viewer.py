@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from training.cpu import cpu_model_name  # noqa: E402
 from training.visualization import figure_to_png, slice_figure  # noqa: E402
 from training.viewer import create_viewer  # noqa: E402
 from utils.phantom import make_phantom  # noqa: E402
@@ -62,15 +62,6 @@ def frames_per_second(step, indices) -> float:
     return (len(indices) - 1) / (time.perf_counter() - started)
 
 
-def cpu_model() -> str:
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except OSError:
-        return "unknown"
-    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Model name")),
-                "unknown")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="128 x 128 x 40 instead of 512 x 512 x 200")
@@ -94,7 +85,7 @@ def main() -> None:
         "volume": list(phantom.hu.shape), "spacing_mm": [round(s, 3) for s in phantom.spacing],
         "steps": args.steps, "old_fps": round(old_fps, 2), "new_fps": round(new_fps, 2),
         "speedup": round(new_fps / old_fps, 1), "new_create_seconds": round(create_seconds, 2),
-        "new_bytes_per_step": image_bytes, "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+        "new_bytes_per_step": image_bytes, "cpu": cpu_model_name(), "cpu_count": os.cpu_count(),
         "load_average_1min": round(os.getloadavg()[0], 2),
         "quick": args.quick,
     }

@@ -96,6 +96,39 @@ def test_cache_is_ignored_for_another_cpu_or_torch(cache, monkeypatch):
     assert measure.calls == 3
 
 
+GENOA = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\n"
+         "flags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16 avx512_vnni\n\n"
+         "processor\t: 1\ncpu family\t: 99\nmodel name\t: Other\nflags\t\t: fpu\n")
+MILAN = "cpu family\t: 25\nmodel\t\t: 1\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx fma avx2\n"
+
+
+@pytest.mark.parametrize("text, name, features", [
+    (GENOA, "AMD EPYC (family 25 model 17; avx2 fma avx512f avx512_vnni avx512_bf16)",
+     ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"]),  # SPEED_FLAGS order, first processor only
+    (MILAN, "AMD EPYC (family 25 model 1; avx2 fma)", ["avx2", "fma"]),
+    ("model name\t: Old CPU\nflags\t\t: fpu sse2 avx\n", "Old CPU (no avx2)", []),
+])
+def test_cpu_name_tells_apart_cpus_that_share_a_model_string(tmp_path, monkeypatch, text, name, features):
+    (tmp_path / "cpuinfo").write_text(text)
+    monkeypatch.setattr(cpu, "CPUINFO", tmp_path / "cpuinfo")
+    assert cpu.cpu_model_name() == name and cpu.cpu_features() == features
+
+
+def test_cpu_name_without_cpuinfo_falls_back_to_platform(tmp_path, monkeypatch):
+    monkeypatch.setattr(cpu, "CPUINFO", tmp_path / "absent")
+    monkeypatch.setattr(cpu.platform, "processor", lambda: "arm")
+    assert cpu.cpu_model_name() == "arm" and cpu.cpu_features() == []
+
+
+def test_cache_is_ignored_for_a_cpu_of_the_same_name_with_other_extensions(cache, tmp_path, monkeypatch):
+    measure = FakeMeasure({"fp32": 0.03, "bf16": 0.01})
+    for text in (GENOA, MILAN, GENOA):
+        (tmp_path / "cpuinfo").write_text(text)
+        monkeypatch.setattr(cpu, "CPUINFO", tmp_path / "cpuinfo")
+        choose(measure)
+    assert measure.calls == 2  # the first CPU's choice is cached, the second's measured
+
+
 @pytest.mark.parametrize("damage", ["{not json", "", "[1, 2]", '{"x": 1}'])
 def test_corrupt_cache_is_ignored_and_rewritten(cache, damage):
     measure = FakeMeasure({"fp32": 0.01, "bf16": 0.02})

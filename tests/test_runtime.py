@@ -24,13 +24,15 @@ GLIBC = platform.libc_ver()[0] == "glibc"
 
 @pytest.mark.parametrize("native_bf16", [True, False])
 @pytest.mark.parametrize("amp", ["auto", "bf16", "fp16", "off"])
-def test_select_amp_on_cpu(amp, native_bf16, monkeypatch):
+def test_select_amp_on_cpu(amp, native_bf16, monkeypatch, capsys):
     monkeypatch.setattr("training.cpu.cpu_has_bf16", lambda: native_bf16)
     # on CPU 'auto' is measured (training/cpu.py): here bf16 is measured faster whenever it is a candidate
     monkeypatch.setattr(runtime, "choose_cpu_precision",
                         lambda *args, candidates: PrecisionChoice(candidates[-1], True, "train", "measured"))
     expected = {"auto": BF16 if native_bf16 else None, "bf16": BF16, "fp16": None, "off": None}
     assert select_amp(CPU, amp) == expected[amp]
+    # forcing bf16 where it is emulated is allowed, with one line that says what it costs
+    assert ("no native bf16" in capsys.readouterr().err) == (amp == "bf16" and not native_bf16)
 
 
 @pytest.mark.parametrize("bf16_supported", [True, False])

@@ -160,15 +160,46 @@ def log_line(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def cpu_model_name() -> str:
-    """The CPU's model string (``/proc/cpuinfo`` "model name"), else ``platform.processor()``."""
+CPUINFO = Path("/proc/cpuinfo")
+# vector extensions that set convolution speed: two CPUs of one model name (a hypervisor often
+# shows only "AMD EPYC") ran this project's study 3x apart, one with avx512_bf16, one with avx2 only
+SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def _cpuinfo_fields() -> dict[str, str]:
+    """The first processor's ``/proc/cpuinfo`` fields (lower-case names); empty where there is none."""
+    fields: dict[str, str] = {}
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        text = CPUINFO.read_text()
     except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
+        return fields
+    for line in text.splitlines():
+        if not line.strip():
+            break  # the first processor's block ends here
+        name, _, value = line.partition(":")
+        fields.setdefault(name.strip().lower(), value.strip())
+    return fields
+
+
+def cpu_features() -> list[str]:
+    """The :data:`SPEED_FLAGS` this CPU has, in that order (empty off x86 Linux)."""
+    flags = set(_cpuinfo_fields().get("flags", "").split())
+    return [flag for flag in SPEED_FLAGS if flag in flags]
+
+
+def cpu_model_name() -> str:
+    """The CPU as benchmark JSON and the precision cache name it: the model string
+    (``/proc/cpuinfo`` "model name", else ``platform.processor()``), then family and model
+    numbers and :func:`cpu_features`, which tell apart CPUs that share a name, e.g.
+    ``"AMD EPYC (family 25 model 1; avx2 fma)"``."""
+    fields = _cpuinfo_fields()
+    name = fields.get("model name") or platform.processor() or platform.machine() or "unknown"
+    details = []
+    if "cpu family" in fields and "model" in fields:
+        details.append(f"family {fields['cpu family']} model {fields['model']}")
+    if "flags" in fields:
+        details.append(" ".join(cpu_features()) or "no avx2")
+    return f"{name} ({'; '.join(details)})" if details else name
 
 
 def cache_folder() -> Path:
