@@ -181,9 +181,10 @@ def _cpuinfo_fields() -> dict[str, str]:
     return fields
 
 
-def cpu_features() -> list[str]:
-    """The :data:`SPEED_FLAGS` this CPU has, in that order (empty off x86 Linux)."""
-    flags = set(_cpuinfo_fields().get("flags", "").split())
+def cpu_features(fields: dict[str, str] | None = None) -> list[str]:
+    """The :data:`SPEED_FLAGS` this CPU has (or the `fields` read from cpuinfo), in that order;
+    empty off x86 Linux."""
+    flags = set((_cpuinfo_fields() if fields is None else fields).get("flags", "").split())
     return [flag for flag in SPEED_FLAGS if flag in flags]
 
 
@@ -198,7 +199,7 @@ def cpu_model_name() -> str:
     if "cpu family" in fields and "model" in fields:
         details.append(f"family {fields['cpu family']} model {fields['model']}")
     if "flags" in fields:
-        details.append(" ".join(cpu_features()) or "no avx2")
+        details.append(" ".join(cpu_features(fields)) or "no avx2")
     return f"{name} ({'; '.join(details)})" if details else name
 
 

@@ -20,9 +20,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from training import cpu
 from training.checkpoint import build_model
 from training.config import TrainConfig
-from training import cpu
 from training.cpu import available_candidates, choose_cpu_precision
 from training.run_folder import RunFolderError
 from training.sync_batchnorm import convert_sync_batchnorm
