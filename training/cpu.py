@@ -161,8 +161,9 @@ def log_line(line: str) -> None:
 
 
 CPUINFO = Path("/proc/cpuinfo")
-# vector extensions that set convolution speed: two CPUs of one model name (a hypervisor often
-# shows only "AMD EPYC") ran this project's study 3x apart, one with avx512_bf16, one with avx2 only
+# vector extensions that set convolution speed: two 2-core CPUs of one model name (a hypervisor often
+# shows only "AMD EPYC") ran the partial-label study's training steps about 3x apart (0.15-0.21 s
+# with avx512_bf16, 0.34-0.54 s with avx2 only)
 SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 
 

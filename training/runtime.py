@@ -75,7 +75,7 @@ def select_amp(device: torch.device, amp: str, cfg: TrainConfig | None = None,
     if amp == "auto":  # measured, not assumed: bf16 is the slow path on some CPUs that support it
         return cpu_choice(cfg or TrainConfig(), purpose).dtype
     if amp == "bf16" and not cpu.cpu_has_bf16():
-        # emulated bf16: 5.2 s per step against 0.39 in fp32 (batch 8, 128 x 128, features 16..128)
+        # emulated bf16: 5.2 s per step against 0.39-0.48 in fp32 (batch 8, 128 x 128, features 16..128)
         # on a 2-core AMD EPYC with avx2 only
         cpu.log_line(f"amp=bf16: {cpu.cpu_model_name()} has no native bf16 (avx512_bf16 or AMX), so bf16 "
                      "is emulated and can run many times slower than fp32; amp=auto measures which is faster")
